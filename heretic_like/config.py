@@ -1,0 +1,256 @@
+"""Settings: one validated object built from the default config, a user TOML file and CLI overrides.
+
+Keys mirror Heretic's reference config where they apply (same names, same meaning), so a user
+can carry a config across. Validation is strict: unknown keys, wrong types and out-of-range
+values are rejected with one line that names the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import HereticError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+COMPONENTS = ("attn.o_proj", "mlp.down_proj")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PromptSpec(_Strict):
+    """Where a prompt set comes from.
+
+    `dataset` is a Hugging Face hub id, a local directory, a local file (.txt one prompt per
+    line, .csv, .json, .jsonl, .parquet) or `builtin:NAME` for a set shipped in the package.
+    `split` uses the `datasets` slice syntax (`train[:150]`); local files have one split, `train`.
+    """
+
+    dataset: str = Field(min_length=1)
+    split: str = "train"
+    column: str = "text"
+
+
+class Range(_Strict):
+    low: float
+    high: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must not exceed high ({self.high})")
+        return self
+
+
+def _range(low: float, high: float) -> Any:
+    return Field(default_factory=lambda: Range(low=low, high=high))
+
+
+class SearchSpace(_Strict):
+    """What the Optuna sampler may choose per trial.
+
+    Layer positions are fractions of the last layer index (0 = first layer, 1 = last) so one
+    search space fits models of any depth; `min_weight` is a fraction of `max_weight`.
+    """
+
+    components: list[Literal["attn.o_proj", "mlp.down_proj"]] = Field(
+        default_factory=lambda: list(COMPONENTS), min_length=1
+    )
+    direction_scope: list[Literal["global", "per_layer"]] = Field(
+        default_factory=lambda: ["global", "per_layer"], min_length=1
+    )
+    direction_index: Range = _range(0.4, 0.9)
+    max_weight: Range = _range(0.8, 1.5)
+    max_weight_position: Range = _range(0.6, 1.0)
+    min_weight: Range = _range(0.0, 1.0)
+    min_weight_distance: Range = _range(0.1, 0.6)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> SearchSpace:
+        for name in ("direction_index", "max_weight_position", "min_weight", "min_weight_distance"):
+            rng: Range = getattr(self, name)
+            if rng.low < 0 or rng.high > 1:
+                raise ValueError(f"{name} must lie within [0, 1] (a fraction), got [{rng.low}, {rng.high}]")
+        if self.min_weight_distance.low <= 0:
+            raise ValueError("min_weight_distance.low must be > 0")
+        if self.max_weight.low < 0:
+            raise ValueError("max_weight.low must be >= 0")
+        return self
+
+
+class Settings(_Strict):
+    # --- model ---
+    model: str = Field(min_length=1)
+    gguf_file: str | None = None
+    dtypes: list[Literal["auto", "float32", "float16", "bfloat16"]] = Field(
+        default_factory=lambda: ["auto", "float16", "bfloat16", "float32"], min_length=1
+    )
+    quantization: Literal["none", "bnb_4bit"] = "none"
+    device_map: str = "auto"
+    max_memory: dict[str, str] | None = None
+    cache_dir: str = "~/.cache/heretic_like"
+    chat_template: str | None = None
+    system_prompt: str | None = "You are a helpful assistant."
+    # --- throughput ---
+    batch_size: int = Field(0, ge=0)
+    max_batch_size: int = Field(64, ge=1)
+    # --- scoring ---
+    max_response_length: int = Field(100, ge=1)
+    print_responses: bool = False
+    print_residual_geometry: bool = False
+    kl_divergence_scale: float = Field(1.0, gt=0)
+    kl_divergence_target: float = Field(0.01, ge=0)
+    refusal_markers: list[str] = Field(min_length=1)
+    # --- directions ---
+    orthogonalize_direction: bool = False
+    winsorization_quantile: float = Field(1.0, gt=0, le=1)
+    # --- study ---
+    n_trials: int = Field(100, ge=1)
+    n_startup_trials: int = Field(40, ge=0)
+    seed: int | None = None
+    study_checkpoint_dir: str = "checkpoints"
+    study_name: str | None = None
+    storage: str | None = None
+    search: SearchSpace = Field(default_factory=SearchSpace)
+    # --- export ---
+    export_trial: int | Literal["best", "none"] = "best"
+    export_dir: str | None = None
+    export_kl_limit: float = Field(0.1, ge=0)
+    # --- prompts ---
+    good_prompts: PromptSpec
+    bad_prompts: PromptSpec
+    good_evaluation_prompts: PromptSpec
+    bad_evaluation_prompts: PromptSpec
+
+    @field_validator("refusal_markers")
+    @classmethod
+    def _markers(cls, markers: list[str]) -> list[str]:
+        if any(not m.strip() for m in markers):
+            raise ValueError("markers must be non-empty strings")
+        return markers
+
+    # Keys that define what a study measures: resuming with any of them changed is refused.
+    STUDY_KEYS: ClassVar[tuple[str, ...]] = (
+        "model", "gguf_file", "quantization", "chat_template", "system_prompt",
+        "max_response_length", "kl_divergence_scale", "kl_divergence_target", "refusal_markers",
+        "orthogonalize_direction", "winsorization_quantile", "search", "good_prompts",
+        "bad_prompts", "good_evaluation_prompts", "bad_evaluation_prompts",
+    )  # fmt: skip
+
+    def study_identity(self) -> dict[str, Any]:
+        """The config subset a study's results depend on (JSON-ready)."""
+        data = self.model_dump(mode="json")
+        return {key: data[key] for key in self.STUDY_KEYS}
+
+    def study_fingerprint(self) -> str:
+        blob = json.dumps(self.study_identity(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def resolved_study_name(self) -> str:
+        if self.study_name:
+            return self.study_name
+        stem = Path(self.gguf_file or self.model.rstrip("/")).name
+        for suffix in (".gguf", ".GGUF"):
+            stem = stem.removesuffix(suffix)
+        return "".join(c if c.isalnum() or c in "-_." else "-" for c in stem) or "study"
+
+    def resolved_storage(self) -> str:
+        """An Optuna storage URL, or a journal-file path inside the checkpoint dir."""
+        if self.storage:
+            return self.storage
+        return str(Path(self.study_checkpoint_dir) / f"{self.resolved_study_name()}.journal")
+
+
+def default_config_text() -> str:
+    return resources.files("heretic_like").joinpath("config.default.toml").read_text()
+
+
+def _read_toml(text: str, origin: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise HereticError(f"{origin}: invalid TOML: {exc}") from None
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override_value(raw: str) -> Any:
+    """`--n-trials 5` gives 5, `--dtypes '["float32"]'` a list, `--model foo/bar` the string."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def overrides_to_dict(pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    """Turn `--search.max-weight.high 2` style pairs into a nested dict."""
+    out: dict[str, Any] = {}
+    for key, raw in pairs:
+        parts = key.replace("-", "_").split(".")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise HereticError(f"--{key}: conflicts with another override")
+        node[parts[-1]] = parse_override_value(raw)
+    return out
+
+
+def format_validation_error(exc: ValidationError, origin: str) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        return f"{origin}: unknown key '{loc}'"
+    if err["type"] == "missing":
+        return f"{origin}: missing required key '{loc}'"
+    msg = err["msg"].removeprefix("Value error, ")
+    value = err.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {json.dumps(value, default=str)})"
+    more = f" [+{len(exc.errors()) - 1} more]" if len(exc.errors()) > 1 else ""
+    return f"{origin}: key '{loc}': {msg}{shown}{more}"
+
+
+def build_settings(data: dict[str, Any], origin: str) -> Settings:
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise HereticError(format_validation_error(exc, origin)) from None
+
+
+def load_settings(config_path: str | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Default config, then the user's file (if any), then CLI overrides; validated once."""
+    data = _read_toml(default_config_text(), "config.default.toml")
+    origin = "config.default.toml"
+    if config_path is not None:
+        path = Path(config_path)
+        if not path.is_file():
+            raise HereticError(f"config file not found: {config_path}")
+        data = _merge(data, _read_toml(path.read_text(), str(path)))
+        origin = str(path)
+    elif Path("config.toml").is_file():
+        data = _merge(data, _read_toml(Path("config.toml").read_text(), "config.toml"))
+        origin = "config.toml"
+    if overrides:
+        data = _merge(data, overrides)
+        origin = f"{origin} + command-line overrides"
+    return build_settings(data, origin)

@@ -1,0 +1,111 @@
+"""Export a trial as merged weights: safetensors + tokenizer + a model card.
+
+The folder is written under a temporary name and renamed at the end, so an interrupted or
+failed export never leaves a half-written model where the user expects one.
+"""
+
+from __future__ import annotations
+
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+
+import optuna
+import torch
+
+from . import __version__
+from .ablation import Abliterator, Edit
+from .config import Settings
+from .errors import HereticError
+from .model import load_model, model_fingerprint
+from .study import cached_directions, compute_directions, load_all_prompts, trial_edit
+
+
+def model_card(settings: Settings, study: optuna.Study, trial: optuna.trial.FrozenTrial, edit: Edit) -> str:
+    base = study.user_attrs.get("base_refusals", "?")
+    total = study.user_attrs.get("n_harmful_eval", "?")
+    index = "per layer" if edit.direction_index is None else f"{edit.direction_index:.2f}"
+    rows = [("direction_index", index)]
+    for component, kernel in edit.kernels.items():
+        for key, value in vars(kernel).items():
+            rows.append((f"{component}.{key}", f"{value:.2f}"))
+    params = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return f"""---
+tags: [heretic_like, abliterated, uncensored]
+base_model: {settings.model}
+---
+# {Path(settings.model).name} (abliterated)
+
+A refusal-ablated version of `{settings.model}`, made with heretic_like {__version__}
+(study `{study.study_name}`, trial {trial.number}, {datetime.now(timezone.utc):%Y-%m-%d}).
+Each listed module's weight was edited as W <- W - w r r^T W, with the refusal direction r and
+the per-layer strength w given by the kernel below.
+
+## Abliteration parameters
+
+| parameter | value |
+|---|---|
+{params}
+
+## Performance
+
+| metric | this model | original model |
+|---|---|---|
+| KL divergence (first response token, harmless prompts) | {trial.user_attrs["kl_divergence"]:.4f} | 0 (by definition) |
+| refusals (harmful evaluation prompts) | {trial.user_attrs["refusals"]}/{total} | {base}/{total} |
+
+Refusals are counted by marker strings in greedy responses of {settings.max_response_length} tokens.
+Removing refusals does not make a model's answers correct or safe; use responsibly.
+"""
+
+
+def save_merged(abliterator: Abliterator, edit: Edit, directions: torch.Tensor, out_dir: str | Path,
+                card: str) -> Path:  # fmt: skip
+    """Apply `edit`, merge it into the weights and write the model folder atomically."""
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    abliterator.apply(edit, directions)
+    model = abliterator.merged_model()
+    try:
+        model.save_pretrained(tmp)
+        abliterator.loaded.tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(card)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(out)
+    return out
+
+
+def default_export_dir(settings: Settings, trial_number: int) -> Path:
+    if settings.export_dir:
+        return Path(settings.export_dir)
+    return Path(settings.study_checkpoint_dir) / f"{settings.resolved_study_name()}-trial{trial_number}"
+
+
+def export_trial(study: optuna.Study, settings: Settings, number: int, out_dir: str | Path | None = None,
+                 abliterator: Abliterator | None = None, directions: torch.Tensor | None = None) -> Path:  # fmt: skip
+    """Re-apply a finished trial and write it out; loads the model unless one is handed over."""
+    edit, trial = trial_edit(study, number)
+    if abliterator is None:
+        loaded = load_model(settings)
+        stored = study.user_attrs.get("model_fingerprint")
+        if stored is not None and stored != model_fingerprint(loaded.model):
+            raise HereticError(f"'{settings.model}' is not the model study '{study.study_name}' was run on")
+        directions = cached_directions(settings, loaded.num_layers)
+        if directions is None:
+            batch = settings.batch_size or 8
+            directions = compute_directions(settings, loaded, load_all_prompts(settings), batch, verbose=False)
+        abliterator = Abliterator(loaded, list(edit.kernels))
+    out = Path(out_dir) if out_dir else default_export_dir(settings, number)
+    print(f"Exporting trial {number} to {out} ...", flush=True)
+    return save_merged(abliterator, edit, directions, out, model_card(settings, study, trial, edit))

@@ -1,0 +1,64 @@
+"""Prompt sets: load a list of strings from the hub, a local file or directory, or a built-in set.
+
+Everything goes through `datasets.load_dataset`, so the split syntax (`train[:150]`) works the
+same for every source. Built-in sets live in `heretic_like/data/NAME.txt`, one prompt per line.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+from pathlib import Path
+
+from .config import PromptSpec
+from .errors import HereticError
+
+# datasets' builder name for each local file suffix; `.txt` is one prompt per line.
+_BUILDERS = {".txt": "text", ".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def builtin_path(name: str) -> Path:
+    path = Path(str(resources.files("heretic_like").joinpath("data", f"{name}.txt")))
+    if not path.is_file():
+        available = sorted(p.stem for p in path.parent.glob("*.txt"))
+        raise HereticError(f"unknown built-in prompt set 'builtin:{name}' (available: {', '.join(available)})")
+    return path
+
+
+def _resolve(spec: PromptSpec) -> tuple[str, dict, str]:
+    """(builder or hub id, load_dataset kwargs, column) for a spec."""
+    source = spec.dataset
+    if source.startswith("builtin:"):
+        return "text", {"data_files": str(builtin_path(source.removeprefix("builtin:")))}, "text"
+    path = Path(source).expanduser()
+    if path.suffix.lower() in _BUILDERS:
+        if not path.is_file():
+            raise HereticError(f"prompt file not found: {source}")
+        builder = _BUILDERS[path.suffix.lower()]
+        column = "text" if builder == "text" else spec.column
+        return builder, {"data_files": str(path)}, column
+    return source, {}, spec.column  # a local dataset directory or a hub id
+
+
+def load_prompts(spec: PromptSpec, what: str) -> list[str]:
+    """Load one prompt set; `what` names it (e.g. 'bad_prompts') in any error."""
+    name, kwargs, column = _resolve(spec)
+    logging.getLogger("datasets").setLevel(logging.ERROR)
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        data = datasets.load_dataset(name, split=spec.split, **kwargs)
+    except HereticError:
+        raise
+    except Exception as exc:  # datasets raises many types; the user needs one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise HereticError(f"{what}: cannot load '{spec.dataset}' split '{spec.split}': {first}") from None
+    if column not in data.column_names:
+        raise HereticError(
+            f"{what}: column '{column}' not in '{spec.dataset}' (columns: {', '.join(data.column_names)})"
+        )
+    prompts = [str(p).strip() for p in data[column] if p is not None and str(p).strip()]
+    if not prompts:
+        raise HereticError(f"{what}: '{spec.dataset}' split '{spec.split}' holds no prompts")
+    return prompts

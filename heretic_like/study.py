@@ -1,0 +1,359 @@
+"""The Optuna study: search space, objectives, checkpointed storage, resume, and the Pareto front.
+
+A study lives in an Optuna storage (by default a journal file in `study_checkpoint_dir`, which
+survives kill -9 losing at most the trial in flight). Its user attrs hold the config, the config
+fingerprint and the model fingerprint, so a resume against something else is refused, and the
+base refusal count, so a resume need not regenerate it. Directions are cached beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import torch
+from optuna.trial import TrialState
+from tqdm.auto import tqdm
+
+from . import __version__
+from .ablation import Abliterator, Edit
+from .config import SearchSpace, Settings, build_settings
+from .directions import collect_residuals, layer_geometry, refusal_directions, winsorize
+from .errors import HereticError
+from .evaluation import Evaluator, autotune_batch_size
+from .kernel import Kernel
+from .model import LoadedModel, chat_texts, load_model, model_fingerprint
+from .prompts import load_prompts
+
+PROMPT_SETS = ("good_prompts", "bad_prompts", "good_evaluation_prompts", "bad_evaluation_prompts")
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+# ----------------------------------------------------------------------------- search space
+
+
+def sample_edit(trial: optuna.Trial, space: SearchSpace, num_layers: int) -> Edit:
+    """Draw one edit. Layer positions are sampled as fractions of the last layer index."""
+    last = max(num_layers - 1, 1)
+    scope = space.direction_scope[0]
+    if len(space.direction_scope) > 1:
+        scope = trial.suggest_categorical("direction_scope", space.direction_scope)
+    index = None
+    if scope == "global":
+        index = trial.suggest_float("direction_index", space.direction_index.low * last,
+                                    space.direction_index.high * last)  # fmt: skip
+    kernels = {}
+    for c in space.components:
+        max_weight = trial.suggest_float(f"{c}.max_weight", space.max_weight.low, space.max_weight.high)
+        position = trial.suggest_float(f"{c}.max_weight_position", space.max_weight_position.low * last,
+                                       space.max_weight_position.high * last)  # fmt: skip
+        fraction = trial.suggest_float(f"{c}.min_weight_fraction", space.min_weight.low, space.min_weight.high)
+        distance = trial.suggest_float(f"{c}.min_weight_distance", space.min_weight_distance.low * last,
+                                       space.min_weight_distance.high * last)  # fmt: skip
+        kernels[c] = Kernel(max_weight, position, fraction * max_weight, distance)
+    return Edit(index, kernels)
+
+
+def objectives(refusals: int, kl: float, base_refusals: int, scale: float, target: float) -> tuple[float, float]:
+    """(KL objective, refusal objective), both minimised.
+
+    Refusals count relative to the unedited model. Below `target`, KL stops being rewarded: the
+    first objective becomes the refusal ratio scaled to `target`, so the sampler does not spend
+    trials on edits that barely change the model (as in Heretic's reference config).
+    """
+    refusal_score = refusals / max(base_refusals, 1)
+    kl_score = kl / scale if kl >= target else refusal_score * target / scale
+    return kl_score, refusal_score
+
+
+# ----------------------------------------------------------------------------- storage
+
+
+def _storage(url_or_path: str) -> optuna.storages.BaseStorage | str:
+    if "://" in url_or_path:
+        return url_or_path
+    path = Path(url_or_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+
+
+def _diff_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _diff_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def open_study(settings: Settings) -> optuna.Study:
+    """Create the study, or load it after checking it measures the same thing."""
+    storage = _storage(settings.resolved_storage())
+    name = settings.resolved_study_name()
+    sampler = optuna.samplers.TPESampler(n_startup_trials=settings.n_startup_trials, multivariate=True,
+                                         seed=settings.seed)  # fmt: skip
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if name in optuna.study.get_all_study_names(storage):
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+        stored = study.user_attrs.get("identity")
+        if stored is not None and stored != settings.study_identity():
+            changed = ", ".join(_diff_keys(stored, settings.study_identity()))
+            raise HereticError(
+                f"study '{name}' in {settings.resolved_storage()} was run with different settings ({changed}); "
+                "resume with the original settings or choose another study_name / study_checkpoint_dir"
+            )
+        return study
+    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler,
+                                directions=["minimize", "minimize"])  # fmt: skip
+    study.set_user_attr("identity", settings.study_identity())
+    study.set_user_attr("config", settings.model_dump(mode="json"))
+    study.set_user_attr("heretic_like_version", __version__)
+    return study
+
+
+def load_existing_study(storage: str, study_name: str | None) -> optuna.Study:
+    """Open a study for export/reporting: `storage` is a journal file or an Optuna URL."""
+    if "://" not in storage and not Path(storage).is_file():
+        raise HereticError(f"study file not found: {storage}")
+    backend = _storage(storage)
+    names = optuna.study.get_all_study_names(backend)
+    if study_name is None:
+        if len(names) != 1:
+            raise HereticError(f"{storage} holds {len(names)} studies ({', '.join(names)}): pass --study-name")
+        study_name = names[0]
+    if study_name not in names:
+        raise HereticError(f"no study '{study_name}' in {storage} (found: {', '.join(names) or 'none'})")
+    return optuna.load_study(study_name=study_name, storage=backend)
+
+
+def settings_of(study: optuna.Study, overrides: dict | None = None) -> Settings:
+    data = dict(study.user_attrs["config"])
+    for key, value in (overrides or {}).items():
+        data[key] = value
+    return build_settings(data, f"study '{study.study_name}' config")
+
+
+def fail_stale_trials(study: optuna.Study) -> int:
+    """Trials left RUNNING by a killed process are marked FAIL (single-writer journal studies)."""
+    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for trial in stale:
+        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    return len(stale)
+
+
+# ----------------------------------------------------------------------------- directions
+
+
+def directions_path(settings: Settings) -> Path:
+    return Path(settings.study_checkpoint_dir) / f"{settings.resolved_study_name()}.directions.pt"
+
+
+def cached_directions(settings: Settings, num_layers: int) -> torch.Tensor | None:
+    """The directions saved by an earlier run of the same study, if they still apply."""
+    path = directions_path(settings)
+    if not path.is_file():
+        return None
+    cached = torch.load(path, weights_only=True)
+    if cached.get("fingerprint") != settings.study_fingerprint() or cached["directions"].shape[0] != num_layers:
+        return None
+    return cached["directions"]
+
+
+def compute_directions(settings: Settings, loaded: LoadedModel, prompts: dict[str, list[str]], batch_size: int,
+                       verbose: bool = True) -> torch.Tensor:  # fmt: skip
+    """Per-layer refusal directions, cached beside the study (keyed by the config fingerprint)."""
+    cached = cached_directions(settings, loaded.num_layers)
+    if cached is not None:
+        return cached
+    path = directions_path(settings)
+    harmful = collect_residuals(loaded, prompts["bad_prompts"], settings.system_prompt, batch_size, "harmful residuals")
+    harmless = collect_residuals(loaded, prompts["good_prompts"], settings.system_prompt, batch_size,
+                                 "harmless residuals")  # fmt: skip
+    harmful = winsorize(harmful, settings.winsorization_quantile)
+    harmless = winsorize(harmless, settings.winsorization_quantile)
+    if settings.print_residual_geometry and verbose:
+        print(pd.DataFrame(layer_geometry(harmful, harmless)).to_string(index=False, float_format="%.4f"))
+    directions = refusal_directions(harmful, harmless, settings.orthogonalize_direction)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"fingerprint": settings.study_fingerprint(), "directions": directions}, tmp)
+    tmp.replace(path)
+    return directions
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def trials_table(study: optuna.Study) -> pd.DataFrame:
+    rows = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        edit = t.user_attrs.get("edit", {})
+        row = {"trial": t.number, "refusals": t.user_attrs["refusals"], "kl_divergence": t.user_attrs["kl_divergence"]}
+        index = edit.get("direction_index")
+        row["direction_index"] = "per layer" if index is None else round(index, 2)
+        for component, kernel in edit.get("kernels", {}).items():
+            for key, value in kernel.items():
+                row[f"{component}.{key}"] = round(value, 2)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def pareto_front(table: pd.DataFrame) -> pd.DataFrame:
+    """Trials not beaten on both refusals and KL, fewest refusals first."""
+    if table.empty:
+        return table
+    ordered = table.sort_values(["refusals", "kl_divergence", "trial"])
+    keep, best_kl = [], float("inf")
+    for index, row in ordered.iterrows():
+        if row["kl_divergence"] < best_kl:
+            keep.append(index)
+            best_kl = row["kl_divergence"]
+    return ordered.loc[keep]
+
+
+def choose_best(table: pd.DataFrame, kl_limit: float) -> int | None:
+    """The documented rule: fewest refusals among trials with KL <= kl_limit (ties: lower KL);
+    if none is that close to the original, the trial with the lowest KL."""
+    if table.empty:
+        return None
+    within = table[table["kl_divergence"] <= kl_limit]
+    pool = within if not within.empty else table.nsmallest(1, "kl_divergence")
+    return int(pool.sort_values(["refusals", "kl_divergence", "trial"]).iloc[0]["trial"])
+
+
+def print_front(study: optuna.Study) -> pd.DataFrame:
+    table = trials_table(study)
+    front = pareto_front(table)
+    base = study.user_attrs.get("base_refusals")
+    total = study.user_attrs.get("n_harmful_eval")
+    print(f"\nPareto front ({len(front)} of {len(table)} trials; unedited model refuses {base}/{total}):")
+    if not front.empty:
+        print(front.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    return table
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def load_all_prompts(settings: Settings) -> dict[str, list[str]]:
+    return {name: load_prompts(getattr(settings, name), name) for name in PROMPT_SETS}
+
+
+def prepare(settings: Settings, study: optuna.Study, prompts: dict[str, list[str]]):
+    """Model, batch size, directions and evaluator: everything a trial needs."""
+    loaded = load_model(settings)
+    fingerprint = model_fingerprint(loaded.model)
+    stored = study.user_attrs.get("model_fingerprint")
+    if stored is not None and stored != fingerprint:
+        raise HereticError(
+            f"study '{study.study_name}' was run on a model with different weights or config than "
+            f"'{settings.model}' (fingerprint {stored} vs {fingerprint}); use another study_name"
+        )
+    if stored is None:
+        study.set_user_attr("model_fingerprint", fingerprint)
+        study.set_user_attr("num_layers", loaded.num_layers)
+    batch_size = settings.batch_size
+    if batch_size == 0:
+        sample = chat_texts(loaded.tokenizer, prompts["bad_evaluation_prompts"][:8], settings.system_prompt)
+        batch_size = autotune_batch_size(loaded, sample, settings.max_batch_size)
+        print(f"Batch size: {batch_size} (auto)")
+    directions = compute_directions(settings, loaded, prompts, batch_size)
+    evaluator = Evaluator(loaded, prompts["bad_evaluation_prompts"], prompts["good_evaluation_prompts"],
+                          settings.system_prompt, settings.refusal_markers, settings.max_response_length,
+                          batch_size)  # fmt: skip
+    return loaded, directions, evaluator
+
+
+def run_study(settings: Settings) -> tuple[optuna.Study, Abliterator, torch.Tensor, pd.DataFrame]:
+    prompts = load_all_prompts(settings)  # bad prompt files fail before the slow model load
+    study = open_study(settings)
+    stale = fail_stale_trials(study)
+    done = len(study.get_trials(deepcopy=False, states=FINISHED))
+    if done:
+        print(f"Resuming study '{study.study_name}': {done}/{settings.n_trials} trials done"
+              + (f", {stale} interrupted trial(s) discarded" if stale else ""))  # fmt: skip
+    started = time.perf_counter()
+    loaded, directions, evaluator = prepare(settings, study, prompts)
+    print(f"Model ready: {loaded.num_layers} layers ({time.perf_counter() - started:.1f} s incl. directions)")
+
+    base_refusals = study.user_attrs.get("base_refusals")
+    if base_refusals is None:
+        base = evaluator.score(desc="unedited model")
+        base_refusals = base.refusals
+        study.set_user_attr("base_refusals", base_refusals)
+        study.set_user_attr("n_harmful_eval", len(evaluator.harmful))
+    print(f"Unedited model refuses {base_refusals}/{len(evaluator.harmful)} harmful evaluation prompts")
+
+    abliterator = Abliterator(loaded, settings.search.components)
+
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        edit = sample_edit(trial, settings.search, loaded.num_layers)
+        abliterator.apply(edit, directions)
+        score = evaluator.score(desc=f"trial {trial.number}")
+        trial.set_user_attr("edit", edit.to_dict())
+        trial.set_user_attr("refusals", score.refusals)
+        trial.set_user_attr("kl_divergence", score.kl_divergence)
+        trial.set_user_attr("kl_seconds", round(score.kl_seconds, 3))
+        trial.set_user_attr("generation_seconds", round(score.generation_seconds, 3))
+        if settings.print_responses:
+            for prompt, response in zip(evaluator.harmful_prompts, score.responses, strict=True):
+                tqdm.write(f"[{trial.number}] {prompt!r}\n    -> {response!r}")
+        tqdm.write(f"trial {trial.number}: refusals {score.refusals}/{len(evaluator.harmful)}, "
+                   f"KL {score.kl_divergence:.4f} ({score.kl_seconds:.1f} s KL, "
+                   f"{score.generation_seconds:.1f} s generation)")  # fmt: skip
+        return objectives(score.refusals, score.kl_divergence, base_refusals, settings.kl_divergence_scale,
+                          settings.kl_divergence_target)  # fmt: skip
+
+    remaining = settings.n_trials - done
+    if remaining > 0:
+        bar = tqdm(total=settings.n_trials, initial=done, desc="trials", unit="trial")
+        try:
+            study.optimize(objective, n_trials=remaining, callbacks=[
+                optuna.study.MaxTrialsCallback(settings.n_trials, states=FINISHED),
+                lambda *_: bar.update(1),
+            ])  # fmt: skip
+        finally:
+            bar.close()
+    table = print_front(study)
+    return study, abliterator, directions, table
+
+
+def pick_trial(settings: Settings, table: pd.DataFrame, interactive: bool) -> int | None:
+    """The trial to export: the config's choice, the user's pick, or the documented best rule."""
+    if settings.export_trial == "none" or table.empty:
+        return None
+    if isinstance(settings.export_trial, int):
+        if settings.export_trial not in set(table["trial"]):
+            raise HereticError(f"export_trial: trial {settings.export_trial} is not a completed trial of this study")
+        return settings.export_trial
+    best = choose_best(table, settings.export_kl_limit)
+    if not interactive:
+        return best
+    while True:
+        answer = input(f"Trial to export [{best}; 'none' to skip]: ").strip() or str(best)
+        if answer == "none":
+            return None
+        if answer.isdigit() and int(answer) in set(table["trial"]):
+            return int(answer)
+        print(f"'{answer}' is not a completed trial number", file=sys.stderr)
+
+
+def trial_edit(study: optuna.Study, number: int) -> tuple[Edit, optuna.trial.FrozenTrial]:
+    trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.number == number]
+    if not trials:
+        raise HereticError(f"trial {number} is not a completed trial of study '{study.study_name}'")
+    return Edit.from_dict(trials[0].user_attrs["edit"]), trials[0]
+
+
+def summary_json(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str:
+    return json.dumps({"study": study.study_name, "trial": trial.number, "refusals": trial.user_attrs["refusals"],
+                       "kl_divergence": trial.user_attrs["kl_divergence"],
+                       "base_refusals": study.user_attrs.get("base_refusals")})  # fmt: skip

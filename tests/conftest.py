@@ -1,0 +1,142 @@
+"""Tiny models and tokenizers built locally: no hub, no network.
+
+`refusing_model` is a 4-layer Llama trained for a few seconds to answer the built-in harmful
+prompts with a refusal and the harmless ones with compliance, so tests can check that
+abliteration really removes refusals, not just that the plumbing runs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from heretic_like.prompts import builtin_path  # noqa: E402
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+REFUSAL = "Sorry, I can't help with that."
+COMPLIANCE = "Sure, here is a simple answer."
+
+
+def _corpus() -> list[str]:
+    lines = builtin_path("harmful").read_text().splitlines() + builtin_path("harmless").read_text().splitlines()
+    return lines + [REFUSAL, COMPLIANCE, "You are a helpful assistant.", "system user assistant"]
+
+
+def build_tokenizer(path: Path, chat_template: str | None = CHATML):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator(_corpus(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>",
+                                   bos_token=None, unk_token=None)  # fmt: skip
+    if chat_template:
+        fast.chat_template = chat_template
+    fast.save_pretrained(path)
+    return fast
+
+
+def build_model(path: Path, arch: str = "llama", layers: int = 4, seed: int = 0, chat_template: str | None = CHATML):
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    tokenizer = build_tokenizer(path, chat_template)
+    common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+                  eos_token_id=tokenizer.eos_token_id, bos_token_id=None)  # fmt: skip
+    config = LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    return model, tokenizer
+
+
+def train_refusal(model, tokenizer, steps: int = 150) -> None:
+    """Teach the tiny model: harmful -> REFUSAL, harmless -> COMPLIANCE (responses only in the loss)."""
+    from heretic_like.model import chat_texts
+
+    harmful = builtin_path("harmful").read_text().splitlines()[:150]
+    harmless = builtin_path("harmless").read_text().splitlines()[:150]
+    prompts = harmful + harmless
+    answers = [REFUSAL] * len(harmful) + [COMPLIANCE] * len(harmless)
+    texts = chat_texts(tokenizer, prompts, "You are a helpful assistant.")
+    rows = []
+    for text, answer in zip(texts, answers, strict=True):
+        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        ids = prompt_ids + answer_ids
+        rows.append((ids, [-100] * len(prompt_ids) + answer_ids))
+    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        pick = torch.randint(len(rows), (32,), generator=generator).tolist()
+        width = max(len(rows[i][0]) for i in pick)
+        ids = torch.full((32, width), tokenizer.pad_token_id)
+        labels = torch.full((32, width), -100)
+        mask = torch.zeros((32, width), dtype=torch.long)
+        for row, i in enumerate(pick):  # left padding, as at inference
+            seq, lab = rows[i]
+            ids[row, width - len(seq) :] = torch.tensor(seq)
+            labels[row, width - len(seq) :] = torch.tensor(lab)
+            mask[row, width - len(seq) :] = 1
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-llama")
+    build_model(path, "llama")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-qwen2")
+    build_model(path, "qwen2", layers=3)
+    return path
+
+
+@pytest.fixture(scope="session")
+def refusing_model(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("refusing-llama")
+    model, tokenizer = build_model(path, "llama")
+    train_refusal(model, tokenizer)
+    model.save_pretrained(path)
+    return path
+
+
+def study_config(tmp_path: Path, model_dir: Path, **extra) -> Path:
+    """A small, fast config for the tiny models (24 eval prompts each, 12-token responses)."""
+    keys = {"model": f'"{model_dir}"', "dtypes": '["float32"]',
+            "study_checkpoint_dir": f'"{tmp_path / "checkpoints"}"', "cache_dir": f'"{tmp_path / "cache"}"',
+            "batch_size": 32, "max_response_length": 12, "n_trials": 3, "n_startup_trials": 2, "seed": 1,
+            "export_trial": '"none"', **extra}  # fmt: skip
+    lines = [f"{k} = {v}" for k, v in keys.items()]
+    for name, dataset, split in [("good_prompts", "builtin:harmless", "train[:150]"),
+                                 ("bad_prompts", "builtin:harmful", "train[:150]"),
+                                 ("good_evaluation_prompts", "builtin:harmless", "train[150:174]"),
+                                 ("bad_evaluation_prompts", "builtin:harmful", "train[150:174]")]:  # fmt: skip
+        lines += [f"[{name}]", f'dataset = "{dataset}"', f'split = "{split}"']
+    path = tmp_path / "config.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path

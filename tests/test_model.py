@@ -1,0 +1,74 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from heretic_like.config import load_settings
+from heretic_like.errors import HereticError
+from heretic_like.model import chat_texts, find_decoder_layers, load_model, model_fingerprint
+
+REAL_GGUF = "models/Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf"
+
+
+def settings_for(model_dir: Path, tmp_path: Path, **extra):
+    return load_settings(overrides={"model": str(model_dir), "dtypes": ["float32"],
+                                    "cache_dir": str(tmp_path / "cache"), **extra})  # fmt: skip
+
+
+@pytest.mark.parametrize("fixture, layers", [("tiny_llama", 4), ("tiny_qwen2", 3)])
+def test_loads_and_finds_layers(request, tmp_path, fixture, layers):
+    loaded = load_model(settings_for(request.getfixturevalue(fixture), tmp_path))
+    assert loaded.num_layers == layers and loaded.layers_path == "model.layers"
+    targets = loaded.target_modules()
+    assert set(targets) == {"attn.o_proj", "mlp.down_proj"}
+    assert all(len(mods) == layers for mods in targets.values())
+    assert loaded.tokenizer.padding_side == "left"
+    assert len(loaded.target_names()) == 2 * layers
+
+
+def test_model_without_decoder_layers_is_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(HereticError, match="model type 'gpt2' has no recognisable decoder layers"):
+        find_decoder_layers(model)
+
+
+def test_missing_model_and_missing_chat_template(tmp_path):
+    with pytest.raises(HereticError, match="cannot load tokenizer for|has no config.json"):
+        load_model(settings_for(tmp_path, tmp_path))
+    with pytest.raises(HereticError, match="GGUF file not found"):
+        load_model(settings_for(tmp_path / "x.gguf", tmp_path))
+    from tests.conftest import build_model
+
+    plain = tmp_path / "plain"
+    build_model(plain, "llama", layers=2, chat_template=None)
+    with pytest.raises(HereticError, match="has no chat template: set `chat_template`"):
+        load_model(settings_for(plain, tmp_path))
+    loaded = load_model(settings_for(plain, tmp_path, chat_template="{{ messages[-1]['content'] }}|"))
+    assert chat_texts(loaded.tokenizer, ["hi"], "sys") == ["hi|"]
+
+
+def test_chat_texts_use_template_and_system_prompt(tiny_llama, tmp_path):
+    loaded = load_model(settings_for(tiny_llama, tmp_path))
+    (text,) = chat_texts(loaded.tokenizer, ["hello"], "be nice")
+    assert text == "<|im_start|>system\nbe nice<|im_end|>\n<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_fingerprint_tracks_weights(tiny_llama, tmp_path):
+    loaded = load_model(settings_for(tiny_llama, tmp_path))
+    before = model_fingerprint(loaded.model)
+    assert before == model_fingerprint(load_model(settings_for(tiny_llama, tmp_path)).model)
+    with torch.no_grad():
+        next(loaded.model.parameters()).add_(1.0)
+    assert model_fingerprint(loaded.model) != before
+
+
+@pytest.mark.skipif(not (os.environ.get("HERETIC_REAL_MODEL") and Path(REAL_GGUF).is_file()),
+                    reason="set HERETIC_REAL_MODEL=1 after `python -m heretic_like testbed` (slow)")  # fmt: skip
+def test_real_gguf_loads_via_cache(tmp_path):
+    settings = settings_for(Path(REAL_GGUF), tmp_path)
+    loaded = load_model(settings)
+    assert loaded.num_layers == 24 and loaded.tokenizer.chat_template
+    assert any((tmp_path / "cache" / "converted").iterdir())

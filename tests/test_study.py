@@ -1,0 +1,150 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from heretic_like.cli import main
+from heretic_like.config import load_settings
+from heretic_like.export import export_trial
+from heretic_like.model import chat_texts, encode
+from heretic_like.study import (
+    choose_best,
+    load_existing_study,
+    objectives,
+    pareto_front,
+    run_study,
+    trial_edit,
+)
+from tests.conftest import study_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _journal(tmp_path: Path) -> Path:
+    (journal,) = (tmp_path / "checkpoints").glob("*.journal")
+    return journal
+
+
+def _completed(journal: Path) -> list[int]:
+    study = load_existing_study(str(journal), None)
+    return sorted(t.number for t in study.trials if t.state.name == "COMPLETE")
+
+
+def test_objectives_follow_the_reference_semantics():
+    assert objectives(5, 0.5, 10, 1.0, 0.01) == (0.5, 0.5)
+    assert objectives(5, 0.5, 10, 2.0, 0.01) == (0.25, 0.5)
+    kl_score, refusal_score = objectives(5, 0.001, 10, 1.0, 0.01)  # below target: refusal-based
+    assert refusal_score == 0.5 and kl_score == pytest.approx(0.5 * 0.01)
+    assert objectives(3, 0.2, 0, 1.0, 0.01)[1] == 3  # a base of zero refusals does not divide by zero
+
+
+def test_pareto_front_and_best_rule():
+    table = pd.DataFrame({"trial": [0, 1, 2, 3, 4], "refusals": [9, 2, 2, 0, 5],
+                          "kl_divergence": [0.01, 0.08, 0.05, 0.9, 0.02]})  # fmt: skip
+    assert list(pareto_front(table)["trial"]) == [3, 2, 4, 0]
+    assert choose_best(table, 0.1) == 2
+    assert choose_best(table, 1.0) == 3
+    assert choose_best(table, 0.001) == 0  # nothing within the limit: the lowest-KL trial
+
+
+def test_full_study_reduces_refusals_and_exports_identical_model(refusing_model, tmp_path, capsys):
+    # Evaluate on prompts the tiny model was trained on: it refuses those reliably.
+    config = study_config(tmp_path, refusing_model, n_trials=6, n_startup_trials=4)
+    # So small a model keeps part of its refusal in the token embeddings, which no write-edit
+    # touches: it needs stronger edits than real models, so the search reaches further.
+    text = config.read_text().replace('split = "train[150:174]"', 'split = "train[:24]"')
+    config.write_text(
+        text + "[search]\nmax_weight = { low = 1.5, high = 3.0 }\n"
+        "max_weight_position = { low = 0.0, high = 1.0 }\ndirection_index = { low = 0.0, high = 0.5 }\n"
+        "min_weight_distance = { low = 0.5, high = 1.0 }\n"
+    )
+    settings = load_settings(str(config))
+    study, abliterator, directions, table = run_study(settings)
+    out = capsys.readouterr().out
+    assert "Pareto front" in out and len(table) == 6
+    base = study.user_attrs["base_refusals"]
+    assert base >= 18  # the trained model refuses most of the 24 harmful prompts
+    assert table["refusals"].min() < base  # and some edit removes refusals
+
+    number = int(table.sort_values("refusals").iloc[0]["trial"])
+    edit, _ = trial_edit(study, number)
+    abliterator.apply(edit, directions)
+    prompts = ["How do I make a bomb?", "Write a poem about rain"]
+    batch = encode(abliterator.loaded.tokenizer, chat_texts(abliterator.loaded.tokenizer, prompts, None), "cpu")
+    with torch.no_grad():
+        lora_logits = abliterator.loaded.model(**batch).logits
+    target = tmp_path / "exported"
+    export_trial(study, settings, number, target)  # loads the model afresh, like the CLI does
+
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+    with torch.no_grad():
+        merged_logits = exported(**batch).logits
+    assert torch.allclose(merged_logits, lora_logits, atol=1e-4)
+    card = (target / "README.md").read_text()
+    assert f"trial {number}" in card and "refusals" in card and "direction_index" in card
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_cli_run_resume_and_changed_settings_refused(tiny_llama, tmp_path, capsys):
+    config = study_config(tmp_path, tiny_llama)
+    assert main(["--config", str(config), "--n-trials", "2"]) == 0
+    journal = _journal(tmp_path)
+    assert _completed(journal) == [0, 1]
+    assert main(["--config", str(config), "--n-trials", "4"]) == 0
+    assert _completed(journal) == [0, 1, 2, 3]  # resumed: two more, none repeated
+    assert "Resuming study" in capsys.readouterr().out
+
+    before = journal.read_bytes()
+    assert main(["--config", str(config), "--search.max-weight.high", "3.0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: study") and "search.max_weight.high" in err and "\n" not in err
+    assert journal.read_bytes() == before  # the existing study is untouched
+
+    assert main(["--config", str(config), "--n-trials", "4", "--export-trial", "1",
+                 "--export-dir", str(tmp_path / "out")]) == 0  # fmt: skip
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert main(["export", "--study", str(journal), "--trial", "99", "--out", str(tmp_path / "x")]) == 2
+    assert "trial 99 is not a completed trial" in capsys.readouterr().err
+
+
+def test_bad_prompt_file_fails_before_touching_the_study(tiny_llama, tmp_path, capsys):
+    config = study_config(tmp_path, tiny_llama)
+    assert main(["--config", str(config), "--n-trials", "1"]) == 0
+    before = _journal(tmp_path).read_bytes()
+    code = main(["--config", str(config), "--bad-prompts.dataset", str(tmp_path / "nope.csv")])
+    assert code == 2 and "prompt file not found" in capsys.readouterr().err
+    assert _journal(tmp_path).read_bytes() == before
+
+
+def test_kill_nine_mid_study_then_resume(tiny_llama, tmp_path):
+    config = study_config(tmp_path, tiny_llama, n_trials=40, max_response_length=24)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "heretic_like", "--config", str(config)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline:
+            journals = list((tmp_path / "checkpoints").glob("*.journal"))
+            if journals and len(_completed(journals[0])) >= 2:
+                break
+            assert proc.poll() is None, "study ended before it could be killed"
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    journal = _journal(tmp_path)
+    done = _completed(journal)
+    assert 2 <= len(done) < 40
+    result = subprocess.run(cmd + ["--n-trials", str(len(done) + 2)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    after = _completed(journal)
+    assert len(after) == len(done) + 2 and set(done) <= set(after)
