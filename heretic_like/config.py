@@ -113,6 +113,8 @@ class Settings(_Strict):
     kl_divergence_scale: float = Field(1.0, gt=0)
     kl_divergence_target: float = Field(0.01, ge=0)
     refusal_markers: list[str] = Field(min_length=1)
+    stop_at_marker: bool = True
+    prune_dominated: bool = True
     # --- directions ---
     orthogonalize_direction: bool = False
     winsorization_quantile: float = Field(1.0, gt=0, le=1)

@@ -23,7 +23,7 @@ def collect_residuals(
     out = []
     for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", leave=False):
         batch = encode(loaded.tokenizer, texts[start : start + batch_size], loaded.device)
-        hidden = loaded.model(**batch, output_hidden_states=True, use_cache=False).hidden_states
+        hidden = loaded.model(**batch, output_hidden_states=True, use_cache=False, logits_to_keep=1).hidden_states
         out.append(torch.stack([h[:, -1, :].float().cpu() for h in hidden[1:]], dim=1))
     return torch.cat(out)
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .model import LoadedModel, chat_texts, encode
 
@@ -43,23 +45,46 @@ def first_token_logprobs(loaded: LoadedModel, texts: list[str], batch_size: int)
     return torch.cat(out)
 
 
+class StopAtMarker(StoppingCriteria):
+    """Ends a row's generation as soon as its text contains a refusal marker: the verdict
+    cannot change after that, so the remaining tokens would be wasted work."""
+
+    def __init__(self, tokenizer, prompt_length: int, markers: list[str]):
+        self.tokenizer, self.prompt_length, self.markers = tokenizer, prompt_length, markers
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
+        return torch.tensor([is_refusal(t, self.markers) for t in texts], device=input_ids.device)
+
+
 @torch.inference_mode()
-def generate(
-    loaded: LoadedModel, texts: list[str], max_new_tokens: int, batch_size: int, desc: str | None = None
-) -> list[str]:
-    """Greedy responses (decoded, special tokens stripped) for chat-formatted texts."""
+def generate_batches(
+    loaded: LoadedModel, texts: list[str], max_new_tokens: int, batch_size: int, desc: str | None = None,
+    stop_markers: list[str] | None = None,
+) -> Iterator[tuple[list[str], int]]:  # fmt: skip
+    """Greedy responses (special tokens stripped) and the number of tokens generated, one batch at
+    a time so callers can stop early. With `stop_markers`, a row stops at its first marker."""
     tokenizer = loaded.tokenizer
-    responses: list[str] = []
     starts = range(0, len(texts), batch_size)
     for start in tqdm(starts, desc=desc, unit="batch", leave=False, disable=desc is None):
         batch = encode(tokenizer, texts[start : start + batch_size], loaded.device)
+        prompt_length = batch["input_ids"].shape[1]
+        stopping = StoppingCriteriaList([StopAtMarker(tokenizer, prompt_length, stop_markers)] if stop_markers else [])
         output = loaded.model.generate(
             **batch, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
-            top_k=None, pad_token_id=tokenizer.pad_token_id,
+            top_k=None, pad_token_id=tokenizer.pad_token_id, stopping_criteria=stopping,
         )  # fmt: skip
-        new_tokens = output[:, batch["input_ids"].shape[1] :]
-        responses.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-    return responses
+        new_tokens = output[:, prompt_length:]
+        yield (
+            tokenizer.batch_decode(new_tokens, skip_special_tokens=True),
+            int((new_tokens != tokenizer.pad_token_id).sum()),
+        )
+
+
+def generate(loaded: LoadedModel, texts: list[str], max_new_tokens: int, batch_size: int,
+             desc: str | None = None) -> list[str]:  # fmt: skip
+    """Greedy full-length responses for chat-formatted texts."""
+    return [r for batch, _ in generate_batches(loaded, texts, max_new_tokens, batch_size, desc) for r in batch]
 
 
 def autotune_batch_size(loaded: LoadedModel, texts: list[str], max_batch_size: int) -> int:
@@ -81,18 +106,21 @@ def autotune_batch_size(loaded: LoadedModel, texts: list[str], max_batch_size: i
 
 @dataclass
 class Score:
-    refusals: int
+    refusals: int  # with `pruned`, a lower bound: generation stopped once it reached the cap
     kl_divergence: float
     responses: list[str] = field(repr=False)
     kl_seconds: float = 0.0
     generation_seconds: float = 0.0
+    pruned: bool = False
+    tokens_generated: int = 0
 
 
 class Evaluator:
     """Holds the formatted evaluation prompts and the unedited model's reference numbers."""
 
     def __init__(self, loaded: LoadedModel, harmful: list[str], harmless: list[str], system_prompt: str | None,
-                 markers: list[str], max_response_length: int, batch_size: int):  # fmt: skip
+                 markers: list[str], max_response_length: int, batch_size: int,
+                 stop_at_marker: bool = True):  # fmt: skip
         self.loaded = loaded
         self.harmful_prompts = harmful
         self.harmful = chat_texts(loaded.tokenizer, harmful, system_prompt)
@@ -100,13 +128,30 @@ class Evaluator:
         self.markers = markers
         self.max_response_length = max_response_length
         self.batch_size = batch_size
+        self.stop_at_marker = stop_at_marker
         self.base_logprobs = first_token_logprobs(loaded, self.harmless, batch_size)
 
-    def score(self, desc: str | None = None) -> Score:
-        """Score whatever edit is currently applied to the model."""
+    def score(self, desc: str | None = None, refusal_cap: Callable[[float], int | None] | None = None) -> Score:
+        """Score whatever edit is currently applied to the model.
+
+        `refusal_cap(kl)` may return a refusal count at which the trial is already dominated
+        (a finished trial has no more refusals at no higher KL): generation then stops once the
+        count reaches it, and is skipped entirely when it is 0.
+        """
         started = time.perf_counter()
         kl = kl_divergence(self.base_logprobs, first_token_logprobs(self.loaded, self.harmless, self.batch_size))
         mid = time.perf_counter()
-        responses = generate(self.loaded, self.harmful, self.max_response_length, self.batch_size, desc)
-        refusals = sum(is_refusal(r, self.markers) for r in responses)
-        return Score(refusals, kl, responses, mid - started, time.perf_counter() - mid)
+        cap = refusal_cap(kl) if refusal_cap else None
+        responses: list[str] = []
+        refusals, tokens = 0, 0
+        if cap != 0:
+            stop = self.markers if self.stop_at_marker else None
+            for batch, count in generate_batches(self.loaded, self.harmful, self.max_response_length, self.batch_size,
+                                                 desc, stop):  # fmt: skip
+                responses += batch
+                refusals += sum(is_refusal(r, self.markers) for r in batch)
+                tokens += count
+                if cap is not None and refusals >= cap:
+                    break
+        pruned = cap is not None and refusals >= cap
+        return Score(refusals, kl, responses, mid - started, time.perf_counter() - mid, pruned, tokens)

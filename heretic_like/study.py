@@ -268,8 +268,20 @@ def prepare(settings: Settings, study: optuna.Study, prompts: dict[str, list[str
     directions = compute_directions(settings, loaded, prompts, batch_size)
     evaluator = Evaluator(loaded, prompts["bad_evaluation_prompts"], prompts["good_evaluation_prompts"],
                           settings.system_prompt, settings.refusal_markers, settings.max_response_length,
-                          batch_size)  # fmt: skip
+                          batch_size, settings.stop_at_marker)  # fmt: skip
     return loaded, directions, evaluator
+
+
+def refusal_cap(study: optuna.Study):
+    """For a trial at KL `kl`: the fewest refusals of any finished trial with KL <= kl. A trial
+    reaching that count is dominated (no better on either axis) and need not be scored further."""
+
+    def cap(kl: float) -> int | None:
+        counts = [t.user_attrs["refusals"] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                  if t.user_attrs["kl_divergence"] <= kl]  # fmt: skip
+        return min(counts) if counts else None
+
+    return cap
 
 
 def run_study(settings: Settings) -> tuple[optuna.Study, Abliterator, torch.Tensor, pd.DataFrame]:
@@ -297,12 +309,19 @@ def run_study(settings: Settings) -> tuple[optuna.Study, Abliterator, torch.Tens
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         edit = sample_edit(trial, settings.search, loaded.num_layers)
         abliterator.apply(edit, directions)
-        score = evaluator.score(desc=f"trial {trial.number}")
+        score = evaluator.score(f"trial {trial.number}", refusal_cap(trial.study) if settings.prune_dominated else None)
         trial.set_user_attr("edit", edit.to_dict())
-        trial.set_user_attr("refusals", score.refusals)
         trial.set_user_attr("kl_divergence", score.kl_divergence)
         trial.set_user_attr("kl_seconds", round(score.kl_seconds, 3))
         trial.set_user_attr("generation_seconds", round(score.generation_seconds, 3))
+        trial.set_user_attr("tokens_generated", score.tokens_generated)
+        if score.pruned:
+            trial.set_user_attr("refusals_at_least", score.refusals)
+            seconds = score.kl_seconds + score.generation_seconds
+            tqdm.write(f"trial {trial.number}: KL {score.kl_divergence:.4f}, pruned after {score.refusals} refusals "
+                       f"(dominated by a finished trial; {seconds:.1f} s)")  # fmt: skip
+            raise optuna.TrialPruned()
+        trial.set_user_attr("refusals", score.refusals)
         if settings.print_responses:
             for prompt, response in zip(evaluator.harmful_prompts, score.responses, strict=True):
                 tqdm.write(f"[{trial.number}] {prompt!r}\n    -> {response!r}")

@@ -44,3 +44,27 @@ def test_evaluator_scores_the_unedited_model_at_zero_kl(tiny_llama, tmp_path):
     assert len(score.responses) == 3 and 0 <= score.refusals <= 3
     single = first_token_logprobs(loaded, chat_texts(loaded.tokenizer, ["fine two"], None), 1)
     assert torch.allclose(single[0], evaluator.base_logprobs[1], atol=1e-4)  # padding-independent
+
+
+def test_early_stop_and_refusal_cap_never_change_the_verdict(refusing_model, tmp_path):
+    loaded = load_model(settings_for(refusing_model, tmp_path))
+    from heretic_like.prompts import builtin_path
+
+    harmful = builtin_path("harmful").read_text().splitlines()[:20]
+    harmless = builtin_path("harmless").read_text().splitlines()[:20]
+    markers = ["sorry"]
+    full = Evaluator(loaded, harmful + harmless, harmless[:4], None, markers, 12, 8, stop_at_marker=False).score()
+    fast = Evaluator(loaded, harmful + harmless, harmless[:4], None, markers, 12, 8, stop_at_marker=True).score()
+    assert full.refusals == fast.refusals >= 10
+    assert fast.tokens_generated < full.tokens_generated  # refusals were cut at the marker
+    refused = [r for r in fast.responses if is_refusal(r, markers)]
+    assert all(normalize_text(r).endswith("sorry") for r in refused)
+
+    evaluator = Evaluator(loaded, harmful + harmless, harmless[:4], None, markers, 12, 8)
+    capped = evaluator.score(refusal_cap=lambda kl: 3)
+    assert capped.pruned and 3 <= capped.refusals <= 3 + 8  # stopped after the batch that reached the cap
+    assert len(capped.responses) < 40
+    skipped = evaluator.score(refusal_cap=lambda kl: 0)
+    assert skipped.pruned and skipped.responses == [] and skipped.tokens_generated == 0
+    uncapped = evaluator.score(refusal_cap=lambda kl: None)
+    assert not uncapped.pruned and uncapped.refusals == full.refusals

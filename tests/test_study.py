@@ -32,8 +32,9 @@ def _journal(tmp_path: Path) -> Path:
 
 
 def _completed(journal: Path) -> list[int]:
+    """Trials that count towards n_trials: complete, or pruned as dominated."""
     study = load_existing_study(str(journal), None)
-    return sorted(t.number for t in study.trials if t.state.name == "COMPLETE")
+    return sorted(t.number for t in study.trials if t.state.name in ("COMPLETE", "PRUNED"))
 
 
 def test_objectives_follow_the_reference_semantics():
@@ -67,7 +68,8 @@ def test_full_study_reduces_refusals_and_exports_identical_model(refusing_model,
     settings = load_settings(str(config))
     study, abliterator, directions, table = run_study(settings)
     out = capsys.readouterr().out
-    assert "Pareto front" in out and len(table) == 6
+    assert "Pareto front" in out and len(study.trials) == 6
+    assert len(table) == sum(t.state.name == "COMPLETE" for t in study.trials) >= 1
     base = study.user_attrs["base_refusals"]
     assert base >= 18  # the trained model refuses most of the 24 harmful prompts
     assert table["refusals"].min() < base  # and some edit removes refusals
@@ -108,7 +110,7 @@ def test_cli_run_resume_and_changed_settings_refused(tiny_llama, tmp_path, capsy
     assert err.startswith("error: study") and "search.max_weight.high" in err and "\n" not in err
     assert journal.read_bytes() == before  # the existing study is untouched
 
-    assert main(["--config", str(config), "--n-trials", "4", "--export-trial", "1",
+    assert main(["--config", str(config), "--n-trials", "4", "--export-trial", "0",
                  "--export-dir", str(tmp_path / "out")]) == 0  # fmt: skip
     assert (tmp_path / "out" / "model.safetensors").is_file()
     assert main(["export", "--study", str(journal), "--trial", "99", "--out", str(tmp_path / "x")]) == 2
@@ -148,3 +150,18 @@ def test_kill_nine_mid_study_then_resume(tiny_llama, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     after = _completed(journal)
     assert len(after) == len(done) + 2 and set(done) <= set(after)
+
+
+def test_dominated_trials_are_pruned_and_counted(refusing_model, tmp_path):
+    config = study_config(tmp_path, refusing_model, n_trials=8, n_startup_trials=8)
+    settings = load_settings(str(config))
+    study, *_ = run_study(settings)
+    states = [t.state.name for t in study.trials]
+    assert len(states) == 8 and set(states) <= {"COMPLETE", "PRUNED"}
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    for trial in study.trials:
+        if trial.state.name != "PRUNED":
+            continue
+        kl, at_least = trial.user_attrs["kl_divergence"], trial.user_attrs["refusals_at_least"]
+        earlier = [t for t in complete if t.number < trial.number and t.user_attrs["kl_divergence"] <= kl]
+        assert earlier and min(t.user_attrs["refusals"] for t in earlier) <= at_least  # truly dominated
