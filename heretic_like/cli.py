@@ -77,11 +77,11 @@ def main(argv: list[str] | None = None) -> int:
             from .study import pick_trial, run_study
 
             settings = load_settings(args.config, overrides)
-            study, abliterator, directions, table = run_study(settings)
+            run = run_study(settings)
             interactive = sys.stdin.isatty() and not os.environ.get("CI")
-            number = pick_trial(settings, table, interactive)
+            number = pick_trial(settings, run.table, interactive)
             if number is not None:
-                export_trial(study, settings, number, None, abliterator, directions)
+                export_trial(run.study, settings, number, None, run.abliterator, run.directions)
     except HereticError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -104,6 +105,10 @@ def open_study(settings: Settings) -> optuna.Study:
     if name in optuna.study.get_all_study_names(storage):
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
         stored = study.user_attrs.get("identity")
+        if stored != settings.study_identity() and not study.trials:
+            # Nothing was measured yet (e.g. the first run failed to load its model): adopt the new settings.
+            _stamp(study, settings)
+            return study
         if stored is not None and stored != settings.study_identity():
             changed = ", ".join(_diff_keys(stored, settings.study_identity()))
             raise HereticError(
@@ -113,10 +118,18 @@ def open_study(settings: Settings) -> optuna.Study:
         return study
     study = optuna.create_study(study_name=name, storage=storage, sampler=sampler,
                                 directions=["minimize", "minimize"])  # fmt: skip
+    _stamp(study, settings)
+    return study
+
+
+def _stamp(study: optuna.Study, settings: Settings) -> None:
+    """Record what the study measures; model-dependent attrs are filled in once the model loads."""
     study.set_user_attr("identity", settings.study_identity())
     study.set_user_attr("config", settings.model_dump(mode="json"))
     study.set_user_attr("heretic_like_version", __version__)
-    return study
+    for key in ("model_fingerprint", "base_refusals", "n_harmful_eval", "num_layers"):
+        if study.user_attrs.get(key) is not None:
+            study.set_user_attr(key, None)
 
 
 def load_existing_study(storage: str, study_name: str | None) -> optuna.Study:
@@ -247,9 +260,11 @@ def load_all_prompts(settings: Settings) -> dict[str, list[str]]:
     return {name: load_prompts(getattr(settings, name), name) for name in PROMPT_SETS}
 
 
-def prepare(settings: Settings, study: optuna.Study, prompts: dict[str, list[str]]):
-    """Model, batch size, directions and evaluator: everything a trial needs."""
+def prepare(settings: Settings, study: optuna.Study, prompts: dict[str, list[str]], timings: dict[str, float]):
+    """Model, batch size, directions and evaluator: everything a trial needs (phases timed)."""
+    started = time.perf_counter()
     loaded = load_model(settings)
+    timings["load"] = time.perf_counter() - started
     fingerprint = model_fingerprint(loaded.model)
     stored = study.user_attrs.get("model_fingerprint")
     if stored is not None and stored != fingerprint:
@@ -265,10 +280,14 @@ def prepare(settings: Settings, study: optuna.Study, prompts: dict[str, list[str
         sample = chat_texts(loaded.tokenizer, prompts["bad_evaluation_prompts"][:8], settings.system_prompt)
         batch_size = autotune_batch_size(loaded, sample, settings.max_batch_size)
         print(f"Batch size: {batch_size} (auto)")
+    started = time.perf_counter()
     directions = compute_directions(settings, loaded, prompts, batch_size)
+    timings["directions"] = time.perf_counter() - started
+    started = time.perf_counter()
     evaluator = Evaluator(loaded, prompts["bad_evaluation_prompts"], prompts["good_evaluation_prompts"],
                           settings.system_prompt, settings.refusal_markers, settings.max_response_length,
                           batch_size, settings.stop_at_marker)  # fmt: skip
+    timings["base_logprobs"] = time.perf_counter() - started
     return loaded, directions, evaluator
 
 
@@ -284,7 +303,19 @@ def refusal_cap(study: optuna.Study):
     return cap
 
 
-def run_study(settings: Settings) -> tuple[optuna.Study, Abliterator, torch.Tensor, pd.DataFrame]:
+@dataclass
+class StudyRun:
+    """What a finished run hands on: to export, to report, to benchmark."""
+
+    study: optuna.Study
+    abliterator: Abliterator
+    directions: torch.Tensor
+    evaluator: Evaluator
+    table: pd.DataFrame
+    timings: dict[str, float]
+
+
+def run_study(settings: Settings) -> StudyRun:
     prompts = load_all_prompts(settings)  # bad prompt files fail before the slow model load
     study = open_study(settings)
     stale = fail_stale_trials(study)
@@ -292,13 +323,16 @@ def run_study(settings: Settings) -> tuple[optuna.Study, Abliterator, torch.Tens
     if done:
         print(f"Resuming study '{study.study_name}': {done}/{settings.n_trials} trials done"
               + (f", {stale} interrupted trial(s) discarded" if stale else ""))  # fmt: skip
-    started = time.perf_counter()
-    loaded, directions, evaluator = prepare(settings, study, prompts)
-    print(f"Model ready: {loaded.num_layers} layers ({time.perf_counter() - started:.1f} s incl. directions)")
+    timings: dict[str, float] = {}
+    loaded, directions, evaluator = prepare(settings, study, prompts, timings)
+    print(f"Model ready: {loaded.num_layers} layers (load {timings['load']:.1f} s, "
+          f"directions {timings['directions']:.1f} s)")  # fmt: skip
 
     base_refusals = study.user_attrs.get("base_refusals")
     if base_refusals is None:
+        started = time.perf_counter()
         base = evaluator.score(desc="unedited model")
+        timings["base_refusals"] = time.perf_counter() - started
         base_refusals = base.refusals
         study.set_user_attr("base_refusals", base_refusals)
         study.set_user_attr("n_harmful_eval", len(evaluator.harmful))
@@ -342,7 +376,7 @@ def run_study(settings: Settings) -> tuple[optuna.Study, Abliterator, torch.Tens
         finally:
             bar.close()
     table = print_front(study)
-    return study, abliterator, directions, table
+    return StudyRun(study, abliterator, directions, evaluator, table, timings)
 
 
 def pick_trial(settings: Settings, table: pd.DataFrame, interactive: bool) -> int | None:
@@ -370,9 +404,3 @@ def trial_edit(study: optuna.Study, number: int) -> tuple[Edit, optuna.trial.Fro
     if not trials:
         raise HereticError(f"trial {number} is not a completed trial of study '{study.study_name}'")
     return Edit.from_dict(trials[0].user_attrs["edit"]), trials[0]
-
-
-def summary_json(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str:
-    return json.dumps({"study": study.study_name, "trial": trial.number, "refusals": trial.user_attrs["refusals"],
-                       "kl_divergence": trial.user_attrs["kl_divergence"],
-                       "base_refusals": study.user_attrs.get("base_refusals")})  # fmt: skip

@@ -66,7 +66,9 @@ def test_full_study_reduces_refusals_and_exports_identical_model(refusing_model,
         "min_weight_distance = { low = 0.5, high = 1.0 }\n"
     )
     settings = load_settings(str(config))
-    study, abliterator, directions, table = run_study(settings)
+    run = run_study(settings)
+    study, abliterator, directions, table = run.study, run.abliterator, run.directions, run.table
+    assert {"load", "directions", "base_logprobs", "base_refusals"} <= set(run.timings)
     out = capsys.readouterr().out
     assert "Pareto front" in out and len(study.trials) == 6
     assert len(table) == sum(t.state.name == "COMPLETE" for t in study.trials) >= 1
@@ -155,7 +157,7 @@ def test_kill_nine_mid_study_then_resume(tiny_llama, tmp_path):
 def test_dominated_trials_are_pruned_and_counted(refusing_model, tmp_path):
     config = study_config(tmp_path, refusing_model, n_trials=8, n_startup_trials=8)
     settings = load_settings(str(config))
-    study, *_ = run_study(settings)
+    study = run_study(settings).study
     states = [t.state.name for t in study.trials]
     assert len(states) == 8 and set(states) <= {"COMPLETE", "PRUNED"}
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
@@ -165,3 +167,25 @@ def test_dominated_trials_are_pruned_and_counted(refusing_model, tmp_path):
         kl, at_least = trial.user_attrs["kl_divergence"], trial.user_attrs["refusals_at_least"]
         earlier = [t for t in complete if t.number < trial.number and t.user_attrs["kl_divergence"] <= kl]
         assert earlier and min(t.user_attrs["refusals"] for t in earlier) <= at_least  # truly dominated
+
+
+def test_resume_against_changed_weights_at_the_same_path_is_refused(tmp_path, capsys):
+    from tests.conftest import build_model
+
+    model_dir = tmp_path / "model"
+    build_model(model_dir, "llama", layers=2, seed=0)
+    config = study_config(tmp_path, model_dir)
+    assert main(["--config", str(config), "--n-trials", "1"]) == 0
+    before = _journal(tmp_path).read_bytes()
+    build_model(model_dir, "llama", layers=2, seed=1)  # same path and config, other weights
+    assert main(["--config", str(config), "--n-trials", "2"]) == 2
+    assert "was run on a model with different weights" in capsys.readouterr().err
+    assert _journal(tmp_path).read_bytes() == before
+
+
+def test_failed_first_run_does_not_block_the_corrected_one(tiny_llama, tmp_path, capsys):
+    config = study_config(tmp_path, tiny_llama, study_name='"fixed-name"')
+    assert main(["--config", str(config), "--model", str(tmp_path / "typo")]) == 2
+    assert "typo" in capsys.readouterr().err
+    assert main(["--config", str(config), "--n-trials", "1"]) == 0  # same study name, right model
+    assert _completed(_journal(tmp_path)) == [0]

