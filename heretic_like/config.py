@@ -186,11 +186,11 @@ def _read_toml(text: str, origin: str) -> dict[str, Any]:
         raise HereticError(f"{origin}: invalid TOML: {exc}") from None
 
 
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+def merge_dicts(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_dicts(out[key], value)
         else:
             out[key] = value
     return out
@@ -247,12 +247,12 @@ def load_settings(config_path: str | None = None, overrides: dict[str, Any] | No
         path = Path(config_path)
         if not path.is_file():
             raise HereticError(f"config file not found: {config_path}")
-        data = _merge(data, _read_toml(path.read_text(), str(path)))
+        data = merge_dicts(data, _read_toml(path.read_text(), str(path)))
         origin = str(path)
     elif Path("config.toml").is_file():
-        data = _merge(data, _read_toml(Path("config.toml").read_text(), "config.toml"))
+        data = merge_dicts(data, _read_toml(Path("config.toml").read_text(), "config.toml"))
         origin = "config.toml"
     if overrides:
-        data = _merge(data, overrides)
+        data = merge_dicts(data, overrides)
         origin = f"{origin} + command-line overrides"
     return build_settings(data, origin)

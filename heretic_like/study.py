@@ -8,7 +8,6 @@ base refusal count, so a resume need not regenerate it. Directions are cached be
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .ablation import Abliterator, Edit
-from .config import SearchSpace, Settings, build_settings
+from .config import SearchSpace, Settings, build_settings, merge_dicts
 from .directions import collect_residuals, layer_geometry, refusal_directions, winsorize
 from .errors import HereticError
 from .evaluation import Evaluator, autotune_batch_size
@@ -148,9 +147,7 @@ def load_existing_study(storage: str, study_name: str | None) -> optuna.Study:
 
 
 def settings_of(study: optuna.Study, overrides: dict | None = None) -> Settings:
-    data = dict(study.user_attrs["config"])
-    for key, value in (overrides or {}).items():
-        data[key] = value
+    data = merge_dicts(study.user_attrs["config"], overrides or {})
     return build_settings(data, f"study '{study.study_name}' config")
 
 
