@@ -3,6 +3,7 @@ KL divergence from the unedited model on harmless prompts."""
 
 from __future__ import annotations
 
+import copy
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -34,15 +35,58 @@ def kl_divergence(base_logprobs: torch.Tensor, edited_logprobs: torch.Tensor) ->
     return float(F.kl_div(edited_logprobs, base_logprobs, reduction="batchmean", log_target=True))
 
 
+def shared_prefix_length(rows: list[list[int]]) -> int:
+    """Tokens every row starts with (chat template + system prompt), leaving each row >= 1 of its own."""
+    if len(rows) < 2:
+        return 0
+    limit = min(len(r) for r in rows) - 1
+    length = 0
+    while length < limit and all(r[length] == rows[0][length] for r in rows):
+        length += 1
+    return length
+
+
 @torch.inference_mode()
 def first_token_logprobs(loaded: LoadedModel, texts: list[str], batch_size: int) -> torch.Tensor:
-    """(n, vocab) fp32 log-probabilities of the first response token."""
-    out = []
-    for start in range(0, len(texts), batch_size):
-        batch = encode(loaded.tokenizer, texts[start : start + batch_size], loaded.device)
-        logits = loaded.model(**batch, use_cache=False, logits_to_keep=1).logits[:, -1, :]
-        out.append(F.log_softmax(logits.float(), dim=-1).cpu())
-    return torch.cat(out)
+    """(n, vocab) fp32 log-probabilities of the first response token.
+
+    The prefix all prompts share is run once and its KV cache reused for every batch; each
+    batch then holds only the prompts' own tokens, sorted by length to keep padding low.
+    """
+    tokenizer = loaded.tokenizer
+    rows = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    prefix = shared_prefix_length(rows)
+    device = loaded.device
+    prefix_cache = None
+    if prefix:
+        prefix_cache = loaded.model(torch.tensor([rows[0][:prefix]], device=device), use_cache=True,
+                                    logits_to_keep=1).past_key_values  # fmt: skip
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    out = torch.empty(len(rows), 0)
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        suffixes = [rows[i][prefix:] for i in index]
+        width = max(len(r) for r in suffixes)
+        ids = torch.full((len(index), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(index), width), dtype=torch.long)
+        for row, suffix in enumerate(suffixes):  # left padding
+            ids[row, width - len(suffix) :] = torch.tensor(suffix)
+            mask[row, width - len(suffix) :] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        kwargs = {}
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(len(index))
+            position_ids = prefix + (mask.cumsum(-1) - 1).clamp(min=0)
+            mask = torch.cat([torch.ones((len(index), prefix), dtype=mask.dtype, device=device), mask], dim=1)
+            kwargs = {"past_key_values": cache, "position_ids": position_ids}
+        logits = loaded.model(input_ids=ids, attention_mask=mask, use_cache=prefix_cache is not None,
+                              logits_to_keep=1, **kwargs).logits[:, -1, :]  # fmt: skip
+        logprobs = F.log_softmax(logits.float(), dim=-1).cpu()
+        if out.shape[1] == 0:
+            out = torch.empty(len(rows), logprobs.shape[1])
+        out[index] = logprobs
+    return out
 
 
 class StopAtMarker(StoppingCriteria):

@@ -68,3 +68,20 @@ def test_early_stop_and_refusal_cap_never_change_the_verdict(refusing_model, tmp
     assert skipped.pruned and skipped.responses == [] and skipped.tokens_generated == 0
     uncapped = evaluator.score(refusal_cap=lambda kl: None)
     assert not uncapped.pruned and uncapped.refusals == full.refusals
+
+
+def test_shared_prefix_reuse_matches_plain_forward(tiny_qwen2, tmp_path):
+    from heretic_like.evaluation import shared_prefix_length
+    from heretic_like.model import encode
+
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert shared_prefix_length([[1, 2], [1, 2]]) == 1  # every row keeps a token of its own
+    assert shared_prefix_length([[7, 1]]) == 0
+    loaded = load_model(settings_for(tiny_qwen2, tmp_path))
+    prompts = ["a", "a somewhat longer prompt here", "mid length one", "x y", "the longest prompt of them all by far"]
+    texts = chat_texts(loaded.tokenizer, prompts, "You are a helpful assistant.")
+    fast = first_token_logprobs(loaded, texts, batch_size=2)
+    with torch.no_grad():
+        plain = torch.cat([F.log_softmax(loaded.model(**encode(loaded.tokenizer, [t], "cpu")).logits[:, -1].float(), -1)
+                           for t in texts])  # fmt: skip
+    assert torch.allclose(fast, plain, atol=1e-4)
