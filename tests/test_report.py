@@ -1,0 +1,33 @@
+import pandas as pd
+import torch
+
+from heretic_like.cli import main
+from heretic_like.report import plot_residuals, project_2d
+from tests.conftest import study_config
+
+
+def test_report_from_a_study(tiny_llama, tmp_path, capsys):
+    config = study_config(tmp_path, tiny_llama, n_trials=3)
+    assert main(["--config", str(config)]) == 0
+    (journal,) = (tmp_path / "checkpoints").glob("*.journal")
+    out = tmp_path / "report"
+    assert main(["report", "--study", str(journal), "--out", str(out), "--trial", "0", "--residuals"]) == 0
+    table = pd.read_csv(out / "trials.csv")
+    assert list(table["trial"]) == [0, 1, 2]
+    assert {"state", "kl_divergence", "refusals", "attn.o_proj.max_weight"} <= set(table.columns)
+    for name in ("pareto.png", "kernels_trial0.png", "residuals.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["report", "--study", str(journal), "--out", str(out), "--trial", "7"]) == 2
+    assert "trial 7 is not a completed trial" in capsys.readouterr().err
+
+
+def test_pca_projection_separates_planted_clusters(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    harmless = torch.randn(40, 2, 16, generator=g)
+    harmful = torch.randn(40, 2, 16, generator=g)
+    harmful[:, :, 3] += 10.0
+    bad, good, method = project_2d(harmful[:, 0], harmless[:, 0])
+    if method == "PCA":  # first component is the planted axis: the groups split along it
+        assert (bad[:, 0].mean() - good[:, 0].mean()).abs() > 8
+    assert plot_residuals(harmful, harmless, tmp_path / "r.png", "t") in ("PCA", "PaCMAP")
+    assert (tmp_path / "r.png").stat().st_size > 1000
