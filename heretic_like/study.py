@@ -100,7 +100,8 @@ def open_study(settings: Settings) -> optuna.Study:
     name = settings.resolved_study_name()
     sampler = optuna.samplers.TPESampler(n_startup_trials=settings.n_startup_trials, multivariate=True,
                                          seed=settings.seed)  # fmt: skip
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Our CLI reports failures itself; Optuna would also log a traceback for an interrupted trial.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     if name in optuna.study.get_all_study_names(storage):
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
         stored = study.user_attrs.get("identity")

@@ -189,3 +189,29 @@ def test_failed_first_run_does_not_block_the_corrected_one(tiny_llama, tmp_path,
     assert "typo" in capsys.readouterr().err
     assert main(["--config", str(config), "--n-trials", "1"]) == 0  # same study name, right model
     assert _completed(_journal(tmp_path)) == [0]
+
+
+def test_ctrl_c_mid_study_exits_cleanly_then_resumes(tiny_llama, tmp_path):
+    config = study_config(tmp_path, tiny_llama, n_trials=40, max_response_length=24)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "heretic_like", "--config", str(config)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        journals = list((tmp_path / "checkpoints").glob("*.journal"))
+        if journals and len(_completed(journals[0])) >= 1:
+            break
+        assert proc.poll() is None, "study ended before it could be interrupted"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "interrupted: finished trials are saved" in err and "Traceback" not in err
+    journal = _journal(tmp_path)
+    done = _completed(journal)
+    states = {t.state.name for t in load_existing_study(str(journal), None).trials}
+    assert "RUNNING" not in states  # the trial in flight was closed, not left dangling
+    result = subprocess.run(cmd + ["--n-trials", str(len(done) + 1)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(_completed(journal)) == len(done) + 1
