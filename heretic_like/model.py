@@ -20,6 +20,7 @@ from .errors import HereticError
 
 # Where each component lives inside one decoder layer, per architecture family.
 COMPONENT_PATHS = {"attn.o_proj": "self_attn.o_proj", "mlp.down_proj": "mlp.down_proj"}
+CONVERSION_VERSION = 2  # 2: lm_head re-tied to the embeddings when identical
 SUPPORTED = "llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3, phi3, olmo2, granite"
 
 
@@ -68,7 +69,9 @@ def find_decoder_layers(model: nn.Module) -> str:
 
 def _gguf_cache_dir(settings: Settings, gguf: Path) -> Path:
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    # CONVERSION_VERSION: bump when the conversion changes, so stale copies are not reused.
+    key = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{CONVERSION_VERSION}"
+    key = hashlib.sha256(key.encode()).hexdigest()[:12]
     return Path(settings.cache_dir).expanduser() / "converted" / f"{gguf.stem}-{key}"
 
 
@@ -120,6 +123,24 @@ def _load_with_dtypes(settings: Settings, source: str, **kwargs) -> nn.Module:
                        f"{_first_line(last_error)}")  # fmt: skip
 
 
+def retie_embeddings(model: nn.Module) -> bool:
+    """Tie lm_head back to the input embeddings when they hold identical values.
+
+    GGUF loading unties them, so a model whose file stores one matrix would keep two copies
+    (545 MB in fp32 for Qwen2.5-0.5B). Neither is edited by abliteration, so tying is exact.
+    """
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if embed is None or head is None or embed.weight is head.weight:
+        return False
+    if embed.weight.shape != head.weight.shape or not torch.equal(embed.weight, head.weight):
+        return False
+    model.config.tie_word_embeddings = True
+    if hasattr(model.config, "get_text_config"):
+        model.config.get_text_config().tie_word_embeddings = True
+    model.tie_weights()
+    return head.weight is embed.weight
+
+
 def _convert_gguf(settings: Settings, directory: Path, name: str, cache: Path) -> None:
     """Dequantise a GGUF once and keep a safetensors copy (plus tokenizer) in `cache`."""
     from transformers import AutoTokenizer
@@ -137,6 +158,7 @@ def _convert_gguf(settings: Settings, directory: Path, name: str, cache: Path) -
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    retie_embeddings(model)
     tmp = cache.with_name(cache.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

@@ -72,3 +72,25 @@ def test_real_gguf_loads_via_cache(tmp_path):
     loaded = load_model(settings)
     assert loaded.num_layers == 24 and loaded.tokenizer.chat_template
     assert any((tmp_path / "cache" / "converted").iterdir())
+
+
+def test_retie_embeddings_only_when_identical(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from heretic_like.model import retie_embeddings
+    from tests.conftest import build_model
+
+    build_model(tmp_path / "m", "llama", layers=1)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert not retie_embeddings(model)  # untied and different: left alone
+    with torch.no_grad():
+        model.get_output_embeddings().weight.copy_(model.get_input_embeddings().weight)
+    ids = torch.tensor([[1, 2, 3]])
+    before = model(ids).logits
+    assert retie_embeddings(model)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert torch.equal(model(ids).logits, before)
+    model.save_pretrained(tmp_path / "tied")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "tied")
+    assert reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight
+    assert torch.equal(reloaded(ids).logits, before)
