@@ -70,7 +70,7 @@ def count_refusals(run, prompts: list[str], length: int, system_prompt: str | No
     texts = chat_texts(run.abliterator.loaded.tokenizer, prompts, system_prompt)
     started, refusals, tokens = time.perf_counter(), 0, 0
     for batch, count in generate_batches(run.abliterator.loaded, texts, length, run.evaluator.batch_size, None,
-                                         run.evaluator.markers):  # fmt: skip
+                                         run.evaluator.markers, stop_rows=True):  # fmt: skip
         refusals += sum(is_refusal(r, run.evaluator.markers) for r in batch)
         tokens += count
     return refusals, time.perf_counter() - started, tokens

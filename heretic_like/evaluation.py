@@ -90,30 +90,43 @@ def first_token_logprobs(loaded: LoadedModel, texts: list[str], batch_size: int)
 
 
 class StopAtMarker(StoppingCriteria):
-    """Ends a row's generation as soon as its text contains a refusal marker: the verdict
-    cannot change after that, so the remaining tokens would be wasted work."""
+    """Watches every row for a refusal marker while generating.
 
-    def __init__(self, tokenizer, prompt_length: int, markers: list[str]):
+    With `stop_rows`, a row stops at its first marker: its verdict cannot change after that.
+    With `budget`, the whole batch stops once that many of its rows have refused: the trial is
+    then dominated, and the rest of its text would not change anything.
+    """
+
+    def __init__(self, tokenizer, prompt_length: int, markers: list[str], stop_rows: bool, budget: int | None):
         self.tokenizer, self.prompt_length, self.markers = tokenizer, prompt_length, markers
+        self.stop_rows, self.budget = stop_rows, budget
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
-        return torch.tensor([is_refusal(t, self.markers) for t in texts], device=input_ids.device)
+        refused = torch.tensor([is_refusal(t, self.markers) for t in texts], device=input_ids.device)
+        if self.budget is not None and int(refused.sum()) >= self.budget:
+            return torch.ones_like(refused)
+        return refused if self.stop_rows else torch.zeros_like(refused)
 
 
 @torch.inference_mode()
 def generate_batches(
     loaded: LoadedModel, texts: list[str], max_new_tokens: int, batch_size: int, desc: str | None = None,
-    stop_markers: list[str] | None = None,
+    markers: list[str] | None = None, stop_rows: bool = False, budget: Callable[[], int | None] | None = None,
 ) -> Iterator[tuple[list[str], int]]:  # fmt: skip
     """Greedy responses (special tokens stripped) and the number of tokens generated, one batch at
-    a time so callers can stop early. With `stop_markers`, a row stops at its first marker."""
+    a time so callers can stop early. With `markers`, rows may stop at their first marker
+    (`stop_rows`) and a batch stops once `budget()` of its rows have refused (see StopAtMarker)."""
     tokenizer = loaded.tokenizer
     starts = range(0, len(texts), batch_size)
     for start in tqdm(starts, desc=desc, unit="batch", leave=False, disable=desc is None):
         batch = encode(tokenizer, texts[start : start + batch_size], loaded.device)
         prompt_length = batch["input_ids"].shape[1]
-        stopping = StoppingCriteriaList([StopAtMarker(tokenizer, prompt_length, stop_markers)] if stop_markers else [])
+        limit = budget() if budget else None
+        watch = markers and (stop_rows or limit is not None)
+        stopping = StoppingCriteriaList(
+            [StopAtMarker(tokenizer, prompt_length, markers, stop_rows, limit)] if watch else []
+        )
         output = loaded.model.generate(
             **batch, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
             top_k=None, pad_token_id=tokenizer.pad_token_id, stopping_criteria=stopping,
@@ -168,6 +181,7 @@ class Evaluator:
         self.loaded = loaded
         self.harmful_prompts = harmful
         self.harmful = chat_texts(loaded.tokenizer, harmful, system_prompt)
+        self.order = list(range(len(harmful)))  # harmful prompts' original positions, in scoring order
         self.harmless = chat_texts(loaded.tokenizer, harmless, system_prompt)
         self.markers = markers
         self.max_response_length = max_response_length
@@ -175,12 +189,27 @@ class Evaluator:
         self.stop_at_marker = stop_at_marker
         self.base_logprobs = first_token_logprobs(loaded, self.harmless, batch_size)
 
+    def prioritize(self, first: list[int]) -> None:
+        """Score the harmful prompts at these original positions first (keeping relative order).
+
+        Putting the prompts the unedited model refused first makes a dominated trial reach its
+        refusal cap, and stop, as early as possible."""
+        chosen = set(first)
+        order = [i for i in range(len(self.order)) if i in chosen] + [
+            i for i in range(len(self.order)) if i not in chosen
+        ]
+        texts = dict(zip(self.order, self.harmful, strict=True))
+        prompts = dict(zip(self.order, self.harmful_prompts, strict=True))
+        self.order = order
+        self.harmful = [texts[i] for i in order]
+        self.harmful_prompts = [prompts[i] for i in order]
+
     def score(self, desc: str | None = None, refusal_cap: Callable[[float], int | None] | None = None) -> Score:
         """Score whatever edit is currently applied to the model.
 
         `refusal_cap(kl)` may return a refusal count at which the trial is already dominated
-        (a finished trial has no more refusals at no higher KL): generation then stops once the
-        count reaches it, and is skipped entirely when it is 0.
+        (a finished trial has no more refusals at no higher KL): generation then stops as soon as
+        the count reaches it, and is skipped entirely when it is 0.
         """
         started = time.perf_counter()
         kl = kl_divergence(self.base_logprobs, first_token_logprobs(self.loaded, self.harmless, self.batch_size))
@@ -189,9 +218,9 @@ class Evaluator:
         responses: list[str] = []
         refusals, tokens = 0, 0
         if cap != 0:
-            stop = self.markers if self.stop_at_marker else None
+            budget = (lambda: cap - refusals) if cap is not None else None
             for batch, count in generate_batches(self.loaded, self.harmful, self.max_response_length, self.batch_size,
-                                                 desc, stop):  # fmt: skip
+                                                 desc, self.markers, self.stop_at_marker, budget):  # fmt: skip
                 responses += batch
                 refusals += sum(is_refusal(r, self.markers) for r in batch)
                 tokens += count
@@ -199,3 +228,7 @@ class Evaluator:
                     break
         pruned = cap is not None and refusals >= cap
         return Score(refusals, kl, responses, mid - started, time.perf_counter() - mid, pruned, tokens)
+
+    def refused_positions(self, score: Score) -> list[int]:
+        """Original positions of the harmful prompts `score` counted as refused."""
+        return [self.order[i] for i, r in enumerate(score.responses) if is_refusal(r, self.markers)]

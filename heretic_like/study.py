@@ -127,7 +127,7 @@ def _stamp(study: optuna.Study, settings: Settings) -> None:
     study.set_user_attr("identity", settings.study_identity())
     study.set_user_attr("config", settings.model_dump(mode="json"))
     study.set_user_attr("heretic_like_version", __version__)
-    for key in ("model_fingerprint", "base_refusals", "n_harmful_eval", "num_layers"):
+    for key in ("model_fingerprint", "base_refusals", "base_refused_positions", "n_harmful_eval", "num_layers"):
         if study.user_attrs.get(key) is not None:
             study.set_user_attr(key, None)
 
@@ -332,8 +332,10 @@ def run_study(settings: Settings) -> StudyRun:
         base = evaluator.score(desc="unedited model")
         timings["base_refusals"] = time.perf_counter() - started
         base_refusals = base.refusals
+        study.set_user_attr("base_refused_positions", evaluator.refused_positions(base))
         study.set_user_attr("base_refusals", base_refusals)
         study.set_user_attr("n_harmful_eval", len(evaluator.harmful))
+    evaluator.prioritize(study.user_attrs.get("base_refused_positions") or [])
     print(f"Unedited model refuses {base_refusals}/{len(evaluator.harmful)} harmful evaluation prompts")
 
     abliterator = Abliterator(loaded, settings.search.components)

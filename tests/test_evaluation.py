@@ -60,10 +60,21 @@ def test_early_stop_and_refusal_cap_never_change_the_verdict(refusing_model, tmp
     refused = [r for r in fast.responses if is_refusal(r, markers)]
     assert all(normalize_text(r).endswith("sorry") for r in refused)
 
-    evaluator = Evaluator(loaded, harmful + harmless, harmless[:4], None, markers, 12, 8)
+    evaluator = Evaluator(loaded, harmless + harmful, harmless[:4], None, markers, 12, 8)
     capped = evaluator.score(refusal_cap=lambda kl: 3)
-    assert capped.pruned and 3 <= capped.refusals <= 3 + 8  # stopped after the batch that reached the cap
+    assert capped.pruned and 3 <= capped.refusals <= 3 + 8  # stopped in the batch that reached the cap
     assert len(capped.responses) < 40
+    # prompts the base refused first: the cap is reached in the first batch, which stops at once
+    base = evaluator.score()
+    refused = evaluator.refused_positions(base)
+    assert sorted(refused) == refused and len(refused) == base.refusals >= 10
+    evaluator.prioritize(refused)
+    assert evaluator.harmful_prompts[: len(refused)] == [(harmless + harmful)[i] for i in refused]
+    assert evaluator.order[: len(refused)] == refused
+    early = evaluator.score(refusal_cap=lambda kl: 3)
+    assert early.pruned and len(early.responses) == 8 and early.refusals >= 3
+    assert early.tokens_generated < capped.tokens_generated
+    assert evaluator.refused_positions(evaluator.score()) == refused  # positions survive reordering
     skipped = evaluator.score(refusal_cap=lambda kl: 0)
     assert skipped.pruned and skipped.responses == [] and skipped.tokens_generated == 0
     uncapped = evaluator.score(refusal_cap=lambda kl: None)
