@@ -86,6 +86,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=50)
     parser.add_argument("--heldout", type=int, default=100, help="held-out HarmBench behaviours")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--pareto-limit", type=int, default=None,
+                        help="score only this many Pareto trials (fewest refusals first) held out")  # fmt: skip
     parser.add_argument("--study-name", default=None, help="reuse to resume an interrupted benchmark")
     parser.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                         help="extra config override, e.g. --set max_response_length 48")  # fmt: skip
@@ -119,7 +121,10 @@ def main() -> None:
     base_heldout, base_seconds, _ = count_refusals(run, heldout, length, system)
     base_edgy, _, _ = count_refusals(run, edgy, length, system)
     base_samples = samples(run, heldout[:5] + edgy[:5], 64, system)
+    best = choose_best(table, settings.export_kl_limit)
     front = pareto_front(table)
+    if args.pareto_limit is not None:  # the chosen trial is always scored
+        front = front[(front.index.isin(front.index[: args.pareto_limit])) | (front["trial"] == best)]
     rows = []
     for _, row in front.iterrows():
         edit, _ = trial_edit(study, int(row["trial"]))
@@ -127,7 +132,6 @@ def main() -> None:
         refused, seconds, _ = count_refusals(run, heldout, length, system)
         rows.append({"trial": int(row["trial"]), "study_refusals": int(row["refusals"]),
                      "heldout_refusals": refused, "kl_divergence": float(row["kl_divergence"])})  # fmt: skip
-    best = choose_best(table, settings.export_kl_limit)
     edit, _ = trial_edit(study, best)
     run.abliterator.apply(edit, run.directions)
     best_edgy, _, _ = count_refusals(run, edgy, length, system)
