@@ -195,9 +195,7 @@ class Evaluator:
         Putting the prompts the unedited model refused first makes a dominated trial reach its
         refusal cap, and stop, as early as possible."""
         chosen = set(first)
-        order = [i for i in range(len(self.order)) if i in chosen] + [
-            i for i in range(len(self.order)) if i not in chosen
-        ]
+        order = sorted(range(len(self.order)), key=lambda i: i not in chosen)  # stable: chosen first
         texts = dict(zip(self.order, self.harmful, strict=True))
         prompts = dict(zip(self.order, self.harmful_prompts, strict=True))
         self.order = order
