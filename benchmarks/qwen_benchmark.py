@@ -128,12 +128,12 @@ def main() -> None:
     rows = []
     for _, row in front.iterrows():
         edit, _ = trial_edit(study, int(row["trial"]))
-        run.abliterator.apply(edit, run.directions)
+        run.abliterator.apply(edit)
         refused, seconds, _ = count_refusals(run, heldout, length, system)
         rows.append({"trial": int(row["trial"]), "study_refusals": int(row["refusals"]),
                      "heldout_refusals": refused, "kl_divergence": float(row["kl_divergence"])})  # fmt: skip
     edit, _ = trial_edit(study, best)
-    run.abliterator.apply(edit, run.directions)
+    run.abliterator.apply(edit)
     best_edgy, _, _ = count_refusals(run, edgy, length, system)
     best_samples = samples(run, heldout[:5] + edgy[:5], 64, system)
     total_seconds = time.perf_counter() - wall

@@ -1,99 +1,289 @@
-"""The edit: W <- W - w * r * (r^T W) on every targeted module, carried as a rank-1 peft LoRA.
+"""The edit: remove refusal directions from what each targeted module writes, W <- W - w v v^T W.
 
-Every trial only rewrites the small LoRA factors (A = r^T W, B = -w r), so the model is loaded
-and wrapped once; exporting merges the same factors into the weights with peft.
+The maths is a handful of pure functions on one weight matrix and a (k, d_out) orthonormal basis
+of directions with per-direction strengths:
+
+- `row_normalization = "none"`: the classic projection, exactly a rank-k LoRA (A = V W,
+  B = -V^T diag(w)).
+- `"pre"`: the same projection applied to the row-normalised weight, then scaled back by each
+  row's norm; still an exact rank-k LoRA.
+- `"full"`: norm-preserving: the projected row directions are renormalised and recombined with
+  the original row norms, so every row keeps its norm exactly. That is no longer low-rank: trials
+  use the best rank-`full_normalization_lora_rank` approximation (reporting its error), export
+  writes the exact weights.
+
+`Abliterator` holds the model, wrapped once (peft LoRA, or forward hooks in "hooks" mode), and
+swaps the factors for each trial without reloading anything.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
-from .directions import interpolate_direction
+from .directions import RefusalGeometry, biproject, interpolate_direction, orthonormalize
 from .kernel import Kernel
-from .model import LoadedModel
+from .model import COMPONENT_PATHS, LoadedModel
+
+# ----------------------------------------------------------------------------- pure maths
 
 
-@dataclass(frozen=True)
-class Edit:
-    """One trial's edit, in absolute layer units. `direction_index` None means per-layer directions."""
-
-    direction_index: float | None
-    kernels: dict[str, Kernel]
-
-    def to_dict(self) -> dict:
-        return {"direction_index": self.direction_index, "kernels": {c: asdict(k) for c, k in self.kernels.items()}}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Edit:
-        return cls(data["direction_index"], {c: Kernel(**k) for c, k in data["kernels"].items()})
-
-    def layer_directions(self, directions: torch.Tensor) -> torch.Tensor:
-        """(n_layers, d): the direction each layer's edit removes."""
-        if self.direction_index is None:
-            return directions
-        return interpolate_direction(directions, self.direction_index).expand_as(directions)
+def subspace_factors(weight: torch.Tensor, basis: torch.Tensor, strengths: torch.Tensor,
+                     row_normalization: str = "none") -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """LoRA factors (A: k x in, B: out x k), fp32, with B @ A the "none" or "pre" edit's delta."""
+    w = weight.float()
+    v = basis.float().to(w.device)
+    s = strengths.float().to(w.device)
+    if row_normalization == "pre":
+        norms = w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return v @ (w / norms), -(norms * v.T * s)
+    if row_normalization != "none":
+        raise ValueError(f"no exact low-rank factors for row_normalization={row_normalization!r}")
+    return v @ w, -(v.T * s)
 
 
 def rank1_factors(weight: torch.Tensor, direction: torch.Tensor, strength: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """LoRA factors (A: 1 x in, B: out x 1) with B @ A = -strength * r r^T W, in fp32."""
-    r = direction.float().to(weight.device)
-    a = (r @ weight.float()).unsqueeze(0)
-    b = (-strength * r).unsqueeze(1)
-    return a, b
+    """The classic single-direction edit: B @ A = -strength * r r^T W."""
+    return subspace_factors(weight, direction[None], torch.tensor([strength]))
 
 
 def direct_edit(weight: torch.Tensor, direction: torch.Tensor, strength: float) -> torch.Tensor:
-    """The same edit applied to the weight itself (reference for tests and a sanity check)."""
+    """W - strength * r r^T W computed on the weight itself (a reference for tests)."""
     r = direction.float()
     w = weight.float()
     return w - strength * torch.outer(r, r @ w)
 
 
+def edited_weight(weight: torch.Tensor, basis: torch.Tensor, strengths: torch.Tensor,
+                  row_normalization: str = "none") -> torch.Tensor:  # fmt: skip
+    """The exact edited weight (fp32) for any row normalisation.
+
+    "full" follows the norm-preserving recipe: split W into row norms and unit row directions,
+    project the directions, renormalise them, and recombine with the original norms.
+    """
+    if row_normalization != "full":
+        a, b = subspace_factors(weight, basis, strengths, row_normalization)
+        return weight.float() + b @ a
+    w = weight.float()
+    v = basis.float().to(w.device)
+    norms = w.norm(dim=1, keepdim=True)
+    unit = w / norms.clamp_min(1e-12)
+    projected = unit - (v.T * strengths.float().to(w.device)) @ (v @ unit)
+    return norms * torch.nn.functional.normalize(projected, dim=1)
+
+
+def low_rank_factors(delta: torch.Tensor, rank: int, oversample: int = 8, iterations: int = 2,
+                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Best rank-`rank` approximation B @ A of `delta` (randomised SVD with a fixed seed, so the
+    same inputs always give the same factors; torch.svd_lowrank takes no generator)."""
+    delta = delta.float()
+    out_dim, in_dim = delta.shape
+    if min(out_dim, in_dim) <= rank + oversample:
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    else:
+        generator = torch.Generator(device=delta.device).manual_seed(seed)
+        omega = torch.randn(in_dim, rank + oversample, generator=generator, device=delta.device)
+        q = torch.linalg.qr(delta @ omega).Q
+        for _ in range(iterations):
+            q = torch.linalg.qr(delta @ (delta.T @ q)).Q
+        u_small, s, vh = torch.linalg.svd(q.T @ delta, full_matrices=False)
+        u = q @ u_small
+    return vh[:rank], u[:, :rank] * s[:rank]
+
+
+# ----------------------------------------------------------------------------- the edit
+
+
+@dataclass(frozen=True)
+class EditOptions:
+    """Settings that shape every trial's edit the same way (from the config, not sampled)."""
+
+    row_normalization: str = "none"
+    full_normalization_lora_rank: int = 3
+    biproject: bool = False
+    entanglement_threshold: float = 0.55
+    mode: str = "lora"
+
+    @classmethod
+    def from_settings(cls, settings) -> EditOptions:
+        return cls(settings.row_normalization, settings.full_normalization_lora_rank, settings.biproject_direction,
+                   settings.entanglement_threshold, settings.edit_mode)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One trial's edit, in absolute layer units.
+
+    `direction_index` None means each layer uses its own directions; a float blends the two
+    neighbouring layers' main directions (extra directions come from the nearest layer).
+    `entangled_strength` scales directions whose capability entanglement exceeds the threshold.
+    """
+
+    direction_index: float | None
+    kernels: dict[str, Kernel]
+    entangled_strength: float = 1.0
+
+    def to_dict(self) -> dict:
+        return {"direction_index": self.direction_index, "entangled_strength": self.entangled_strength,
+                "kernels": {c: asdict(k) for c, k in self.kernels.items()}}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Edit:
+        kernels = {c: Kernel(**k) for c, k in data["kernels"].items()}
+        return cls(data["direction_index"], kernels, data.get("entangled_strength", 1.0))
+
+    def layer_directions(self, directions: torch.Tensor) -> torch.Tensor:
+        """(n_layers, d): the main direction each layer's edit removes."""
+        if self.direction_index is None:
+            return directions
+        return interpolate_direction(directions, self.direction_index).expand_as(directions)
+
+    def layer_bases(self, geometry: RefusalGeometry, options: EditOptions) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer: ((k, d) orthonormal directions, (k,) strength multipliers)."""
+        n = geometry.num_layers
+        if self.direction_index is None:
+            sources = list(range(n))
+            bases = [geometry.subspace(layer) for layer in range(n)]
+        else:
+            source = min(max(round(self.direction_index), 0), n - 1)
+            main = interpolate_direction(geometry.directions, self.direction_index)[None]
+            basis = torch.cat([main, orthonormalize(geometry.extra[source], against=main)])
+            sources, bases = [source] * n, [basis] * n
+        if options.biproject:
+            bases = [biproject(basis, geometry.harmless_mean[layer]) for layer, basis in enumerate(bases)]
+        out = []
+        for basis, source in zip(bases, sources, strict=True):
+            entangled = geometry.entanglement[source] > options.entanglement_threshold  # NaN compares False
+            out.append((basis, torch.where(entangled, self.entangled_strength, 1.0)))
+        return out
+
+
+@dataclass
+class EditStats:
+    """How faithfully the trial-time LoRA carries the edit (only "full" is approximate)."""
+
+    approximation_error: float = 0.0  # max over modules of ||delta - lora|| / ||delta|| (Frobenius)
+    row_norm_error: float = 0.0  # max relative deviation of a row norm from the original's
+    modules_edited: int = 0
+    modules: dict[str, int] = field(default_factory=dict)
+
+
 class Abliterator:
-    """Holds the peft-wrapped model and swaps the LoRA factors for each trial."""
+    """Holds the wrapped model and swaps each trial's edit in and out."""
 
-    def __init__(self, loaded: LoadedModel, components: list[str]):
-        from peft import LoraConfig, get_peft_model
-
+    def __init__(self, loaded: LoadedModel, components: list[str], geometry: RefusalGeometry,
+                 options: EditOptions | None = None):  # fmt: skip
         self.loaded = loaded
         self.components = list(components)
-        config = LoraConfig(r=1, lora_alpha=1, lora_dropout=0.0, bias="none",
-                            target_modules=loaded.target_names(self.components))  # fmt: skip
-        self.peft_model = get_peft_model(loaded.model, config)
-        self.peft_model.eval()
+        self.geometry = geometry
+        self.options = options or EditOptions()
+        if self.options.mode == "hooks" and self.options.row_normalization != "none":
+            raise ValueError("edit_mode = 'hooks' projects module outputs: it needs row_normalization = 'none'")
         layers = loaded.model.get_submodule(loaded.layers_path)
-        from .model import COMPONENT_PATHS
+        k = geometry.directions_per_layer
+        self.rank = self.options.full_normalization_lora_rank if self.options.row_normalization == "full" else k
+        self.peft_model = None
+        self.hooks = None
+        if self.options.mode == "hooks":
+            from .hooks import ProjectionHooks
 
+            self.hooks = ProjectionHooks()
+        else:
+            from peft import LoraConfig, get_peft_model
+
+            config = LoraConfig(r=self.rank, lora_alpha=self.rank, lora_dropout=0.0, bias="none",
+                                target_modules=loaded.target_names(self.components))  # fmt: skip
+            self.peft_model = get_peft_model(loaded.model, config)
+            self.peft_model.eval()
         self.modules: dict[str, list[nn.Module]] = {
             c: [layer.get_submodule(COMPONENT_PATHS[c]) for layer in layers] for c in self.components
         }
+        self.current: Edit | None = None
+        self.stats = EditStats()
         self.reset()
+
+    def base_weight(self, module: nn.Module) -> torch.Tensor:
+        return module.base_layer.weight if self.peft_model is not None else module.weight
 
     @torch.no_grad()
     def reset(self) -> None:
-        """Back to the unedited model (B = 0)."""
+        """Back to the unedited model."""
+        self.current = None
+        if self.hooks is not None:
+            self.hooks.clear()
+            return
         for modules in self.modules.values():
             for module in modules:
                 module.lora_B["default"].weight.zero_()
 
-    @torch.no_grad()
-    def apply(self, edit: Edit, directions: torch.Tensor) -> None:
-        per_layer = edit.layer_directions(directions)
+    def plan(self, edit: Edit) -> dict[str, list[tuple[torch.Tensor, torch.Tensor] | None]]:
+        """Per component and layer: (basis, strengths) to apply, or None where the kernel is 0."""
+        bases = edit.layer_bases(self.geometry, self.options)
+        out: dict[str, list[tuple[torch.Tensor, torch.Tensor] | None]] = {}
         for component, modules in self.modules.items():
-            strengths = edit.kernels[component].weights(len(modules)) if component in edit.kernels else None
-            for i, module in enumerate(modules):
-                lora_a, lora_b = module.lora_A["default"].weight, module.lora_B["default"].weight
-                strength = 0.0 if strengths is None else float(strengths[i])
-                if strength == 0.0:
-                    lora_b.zero_()
-                    continue
-                a, b = rank1_factors(module.base_layer.weight, per_layer[i], strength)
-                lora_a.copy_(a.to(lora_a.dtype))
-                lora_b.copy_(b.to(lora_b.dtype))
+            kernel = edit.kernels.get(component)
+            weights = kernel.weights(len(modules)) if kernel else torch.zeros(len(modules), dtype=torch.float64)
+            out[component] = [
+                (basis, float(w) * mult) if float(w) != 0.0 else None
+                for (basis, mult), w in zip(bases, weights, strict=True)
+            ]
+        return out
 
+    @torch.no_grad()
+    def apply(self, edit: Edit) -> EditStats:
+        self.reset()
+        stats = EditStats()
+        for component, entries in self.plan(edit).items():
+            stats.modules[component] = sum(e is not None for e in entries)
+            for module, entry in zip(self.modules[component], entries, strict=True):
+                if entry is None:
+                    continue
+                basis, strengths = entry
+                stats.modules_edited += 1
+                if self.hooks is not None:
+                    self.hooks.set(module, basis, strengths)
+                    continue
+                weight = self.base_weight(module)
+                if self.options.row_normalization == "full":
+                    delta = edited_weight(weight, basis, strengths, "full") - weight.float()
+                    a, b = low_rank_factors(delta, self.rank)
+                    residual = delta - b @ a
+                    scale = delta.norm().clamp_min(1e-12)
+                    stats.approximation_error = max(stats.approximation_error, float(residual.norm() / scale))
+                    original = weight.float().norm(dim=1)
+                    approx = (weight.float() + b @ a).norm(dim=1)
+                    deviation = ((approx - original).abs() / original.clamp_min(1e-12)).max()
+                    stats.row_norm_error = max(stats.row_norm_error, float(deviation))
+                else:
+                    a, b = subspace_factors(weight, basis, strengths, self.options.row_normalization)
+                lora_a, lora_b = module.lora_A["default"].weight, module.lora_B["default"].weight
+                lora_a.zero_()
+                lora_a[: a.shape[0]].copy_(a.to(lora_a.dtype))
+                lora_b[:, : b.shape[1]].copy_(b.to(lora_b.dtype))
+        self.current = edit
+        self.stats = stats
+        return stats
+
+    @torch.no_grad()
     def merged_model(self) -> nn.Module:
-        """Fold the current factors into the weights and drop peft (consumes the wrapper)."""
-        return self.peft_model.merge_and_unload()
+        """The plain model with the current edit written exactly into its weights (consumes the
+        wrapper). "none"/"pre" merge the LoRA; "full" and hook mode compute the exact weights."""
+        plan = self.plan(self.current) if self.current is not None else {}
+        if self.hooks is not None:
+            self.hooks.remove()
+            model = self.loaded.model
+        elif self.options.row_normalization != "full":
+            return self.peft_model.merge_and_unload()
+        else:
+            model = self.peft_model.unload()
+        layers = model.get_submodule(self.loaded.layers_path)
+        for component, entries in plan.items():
+            for layer, entry in zip(layers, entries, strict=True):
+                if entry is None:
+                    continue
+                module = layer.get_submodule(COMPONENT_PATHS[component])
+                exact = edited_weight(module.weight, *entry, self.options.row_normalization)
+                module.weight.copy_(exact.to(module.weight.dtype))
+        return model

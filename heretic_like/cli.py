@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             interactive = sys.stdin.isatty() and not os.environ.get("CI")
             number = pick_trial(settings, run.table, interactive)
             if number is not None:
-                export_trial(run.study, settings, number, None, run.abliterator, run.directions)
+                export_trial(run.study, settings, number, None, run.abliterator)
     except HereticError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -68,7 +68,7 @@ class SearchSpace(_Strict):
     components: list[Literal["attn.o_proj", "mlp.down_proj"]] = Field(
         default_factory=lambda: list(COMPONENTS), min_length=1
     )
-    direction_scope: list[Literal["global", "per_layer"]] = Field(
+    direction_scope: list[Literal["global", "per_layer", "best_layer"]] = Field(
         default_factory=lambda: ["global", "per_layer"], min_length=1
     )
     direction_index: Range = _range(0.4, 0.9)
@@ -76,10 +76,14 @@ class SearchSpace(_Strict):
     max_weight_position: Range = _range(0.6, 1.0)
     min_weight: Range = _range(0.0, 1.0)
     min_weight_distance: Range = _range(0.1, 0.6)
+    entangled_strength: Range = _range(0.0, 0.5)
+    top_quality_layers: int = Field(0, ge=0)
+    seed_best_layer: bool = False
 
     @model_validator(mode="after")
     def _bounds(self) -> SearchSpace:
-        for name in ("direction_index", "max_weight_position", "min_weight", "min_weight_distance"):
+        for name in ("direction_index", "max_weight_position", "min_weight", "min_weight_distance",
+                     "entangled_strength"):
             rng: Range = getattr(self, name)
             if rng.low < 0 or rng.high > 1:
                 raise ValueError(f"{name} must lie within [0, 1] (a fraction), got [{rng.low}, {rng.high}]")
@@ -115,9 +119,16 @@ class Settings(_Strict):
     refusal_markers: list[str] = Field(min_length=1)
     stop_at_marker: bool = True
     prune_dominated: bool = True
-    # --- directions ---
+    # --- directions and edits ---
     orthogonalize_direction: bool = False
     winsorization_quantile: float = Field(1.0, gt=0, le=1)
+    row_normalization: Literal["none", "pre", "full"] = "none"
+    full_normalization_lora_rank: int = Field(3, ge=1, le=64)
+    biproject_direction: bool = False
+    directions_per_layer: int = Field(1, ge=1, le=16)
+    direction_candidates: int = Field(8, ge=1, le=64)
+    entanglement_threshold: float = Field(0.55, ge=0, le=1)
+    edit_mode: Literal["lora", "hooks"] = "lora"
     # --- study ---
     n_trials: int = Field(100, ge=1)
     n_startup_trials: int = Field(40, ge=0)
@@ -135,6 +146,13 @@ class Settings(_Strict):
     bad_prompts: PromptSpec
     good_evaluation_prompts: PromptSpec
     bad_evaluation_prompts: PromptSpec
+    capability_prompts: PromptSpec | None = None
+
+    @model_validator(mode="after")
+    def _compatible(self) -> Settings:
+        if self.edit_mode == "hooks" and self.row_normalization != "none":
+            raise ValueError(f"edit_mode = 'hooks' needs row_normalization = 'none' (got '{self.row_normalization}')")
+        return self
 
     @field_validator("refusal_markers")
     @classmethod
@@ -147,8 +165,10 @@ class Settings(_Strict):
     STUDY_KEYS: ClassVar[tuple[str, ...]] = (
         "model", "gguf_file", "quantization", "chat_template", "system_prompt",
         "max_response_length", "kl_divergence_scale", "kl_divergence_target", "refusal_markers",
-        "orthogonalize_direction", "winsorization_quantile", "search", "good_prompts",
-        "bad_prompts", "good_evaluation_prompts", "bad_evaluation_prompts",
+        "orthogonalize_direction", "winsorization_quantile", "row_normalization",
+        "full_normalization_lora_rank", "biproject_direction", "directions_per_layer", "direction_candidates",
+        "entanglement_threshold", "search", "good_prompts", "bad_prompts", "good_evaluation_prompts",
+        "bad_evaluation_prompts", "capability_prompts",
     )  # fmt: skip
 
     def study_identity(self) -> dict[str, Any]:
@@ -229,6 +249,8 @@ def format_validation_error(exc: ValidationError, origin: str) -> str:
     value = err.get("input")
     shown = "" if isinstance(value, dict) else f" (got {json.dumps(value, default=str)})"
     more = f" [+{len(exc.errors()) - 1} more]" if len(exc.errors()) > 1 else ""
+    if not err["loc"]:
+        return f"{origin}: {msg}{more}"
     return f"{origin}: key '{loc}': {msg}{shown}{more}"
 
 

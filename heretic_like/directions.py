@@ -7,7 +7,9 @@ last prompt token: that is the stream the edits of layer i's o_proj and down_pro
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
@@ -64,13 +66,179 @@ def interpolate_direction(directions: torch.Tensor, index: float) -> torch.Tenso
     return torch.nn.functional.normalize(blend, dim=-1).float()
 
 
-def layer_geometry(harmful: torch.Tensor, harmless: torch.Tensor) -> list[dict[str, float]]:
-    """Per layer: norms of the means, their cosine, and the refusal direction's norm."""
-    bad, good = harmful.double().mean(0), harmless.double().mean(0)
+def layer_metrics(harmful_mean: torch.Tensor, harmless_mean: torch.Tensor) -> pd.DataFrame:
+    """Per-layer quality of the refusal direction, from the two (n_layers, d) means.
+
+    snr = ||r|| / max(||mu_harmful||, ||mu_harmless||), cosine = cos(mu_harmful, mu_harmless),
+    quality = snr * (1 - cosine): high where the two prompt kinds are both far apart and pointing
+    different ways. `next_cosine` is the cosine between this layer's direction and the next one's:
+    a stable run of high values marks layers where one direction applies to its neighbours.
+    """
+    bad, good = harmful_mean.double(), harmless_mean.double()
+    diff = bad - good
+    snr = diff.norm(dim=-1) / torch.maximum(bad.norm(dim=-1), good.norm(dim=-1)).clamp_min(1e-12)
     cos = torch.nn.functional.cosine_similarity(bad, good, dim=-1)
-    diff = (bad - good).norm(dim=-1)
-    return [
-        {"layer": i, "harmful_norm": float(bad[i].norm()), "harmless_norm": float(good[i].norm()),
-         "cosine": float(cos[i]), "direction_norm": float(diff[i])}
-        for i in range(bad.shape[0])
-    ]  # fmt: skip
+    unit = torch.nn.functional.normalize(diff, dim=-1)
+    nxt = torch.cat([(unit[:-1] * unit[1:]).sum(-1), torch.tensor([float("nan")], dtype=torch.float64)])
+    return pd.DataFrame({
+        "layer": range(bad.shape[0]), "harmful_norm": bad.norm(dim=-1).numpy(),
+        "harmless_norm": good.norm(dim=-1).numpy(), "direction_norm": diff.norm(dim=-1).numpy(),
+        "snr": snr.numpy(), "cosine": cos.numpy(), "quality": (snr * (1 - cos)).numpy(), "next_cosine": nxt.numpy(),
+    })  # fmt: skip
+
+
+def cross_layer_cosine(directions: torch.Tensor) -> torch.Tensor:
+    """(n_layers, n_layers) cosines between every pair of layers' directions."""
+    unit = torch.nn.functional.normalize(directions.double(), dim=-1)
+    return unit @ unit.T
+
+
+def fisher_ratio(harmful_proj: torch.Tensor, harmless_proj: torch.Tensor) -> torch.Tensor:
+    """Separability of two sets of projections (last-but-one dim = prompts): (m1 - m2)^2 / (v1 + v2)."""
+    gap = harmful_proj.mean(0) - harmless_proj.mean(0)
+    spread = harmful_proj.var(0, unbiased=False) + harmless_proj.var(0, unbiased=False)
+    return gap**2 / spread.clamp_min(1e-12)
+
+
+def entanglement(capability: torch.Tensor, harmful_mean: torch.Tensor, harmless_mean: torch.Tensor,
+                 basis: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """How much of a direction's traffic is ordinary capability work rather than refusal, in [0, 1].
+
+    For one layer: `capability` (n, d) residuals of capability prompts, `basis` (k, d) unit
+    directions. Per direction v: e = c / (c + g), with c the RMS of (x_cap - mu_harmless) . v and
+    g = |(mu_harmful - mu_harmless) . v|. Near 0: capability prompts barely use v, removing it costs
+    little; near 1: they vary along v as much as refusal does, so removing it fully would hurt.
+    """
+    basis = basis.double()
+    spread = (((capability.double() - harmless_mean.double()) @ basis.T) ** 2).mean(0).sqrt()
+    gap = ((harmful_mean.double() - harmless_mean.double()) @ basis.T).abs()
+    return spread / (spread + gap).clamp_min(1e-12)
+
+
+def orthonormalize(vectors: torch.Tensor, against: torch.Tensor | None = None) -> torch.Tensor:
+    """Gram-Schmidt in float64: rows of `vectors` made orthonormal (and orthogonal to the unit
+    rows of `against`), keeping each row's sign and order; near-dependent rows become zero."""
+    basis = [] if against is None else [a.double() for a in against]
+    fixed = len(basis)
+    for v in vectors.double():
+        for b in basis:
+            v = v - (v @ b) * b
+        norm = v.norm()
+        basis.append(v / norm if norm > 1e-8 else torch.zeros_like(v))
+    return torch.stack(basis[fixed:]).to(vectors.dtype) if len(basis) > fixed else vectors[:0]
+
+
+def extra_directions(harmful: torch.Tensor, harmless: torch.Tensor, main: torch.Tensor, count: int,
+                     candidates: int, min_novelty: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """SABER-style extra refusal directions beyond the mean difference, for every layer.
+
+    Per layer: the top `candidates` right singular vectors of the harmful residuals minus the
+    harmless mean (sign: towards harmful), ranked by their Fisher ratio between harmful and
+    harmless projections. In that order each is made orthogonal to the main direction and to the
+    ones already kept, and kept if at least `min_novelty` of it remains (a candidate that mostly
+    restates the mean difference adds nothing), until `count` are kept.
+    Returns ((n_layers, count, d) orthonormal rows, orthogonal to `main`; zero rows where too
+    few candidates qualified, (n_layers, count) the kept candidates' Fisher ratios).
+    """
+    n_layers, d = main.shape
+    out = torch.zeros(n_layers, count, d)
+    ratios = torch.zeros(n_layers, count)
+    if count == 0:
+        return out, ratios
+    for layer in range(n_layers):
+        bad, good = harmful[:, layer].double(), harmless[:, layer].double()
+        good_mean = good.mean(0)
+        _, _, vh = torch.linalg.svd(bad - good_mean, full_matrices=False)
+        vh = vh[:candidates]
+        vh = vh * torch.where(vh @ (bad.mean(0) - good_mean) < 0, -1.0, 1.0).to(vh)[:, None]
+        fisher = fisher_ratio(bad @ vh.T, good @ vh.T)
+        kept = [main[layer].double()]
+        for j in fisher.argsort(descending=True).tolist():
+            v = vh[j]
+            for b in kept:
+                v = v - (v @ b) * b
+            if v.norm() < min_novelty:
+                continue
+            ratios[layer, len(kept) - 1] = float(fisher[j])
+            kept.append(v / v.norm())
+            if len(kept) > count:
+                break
+        if len(kept) > 1:
+            out[layer, : len(kept) - 1] = torch.stack(kept[1:]).float()
+    return out, ratios
+
+
+@dataclass
+class RefusalGeometry:
+    """Everything measured from the residuals that edits and reports need (cached per study).
+
+    directions: (L, d) unit refusal direction per layer (projected if so configured);
+    extra: (L, k - 1, d) further directions orthogonal to it; fisher / entanglement: (L, k) per
+    direction, main first (entanglement NaN without capability prompts); the two means (L, d).
+    """
+
+    harmful_mean: torch.Tensor
+    harmless_mean: torch.Tensor
+    directions: torch.Tensor
+    extra: torch.Tensor
+    fisher: torch.Tensor
+    entanglement: torch.Tensor
+
+    @property
+    def num_layers(self) -> int:
+        return self.directions.shape[0]
+
+    @property
+    def directions_per_layer(self) -> int:
+        return 1 + self.extra.shape[1]
+
+    def subspace(self, layer: int) -> torch.Tensor:
+        """(k, d) orthonormal rows: the main direction of `layer`, then its extra directions."""
+        return torch.cat([self.directions[layer : layer + 1], self.extra[layer]])
+
+    def metrics(self) -> pd.DataFrame:
+        table = layer_metrics(self.harmful_mean, self.harmless_mean)
+        table["fisher"] = self.fisher[:, 0].double().numpy()
+        if not torch.isnan(self.entanglement).all():
+            table["entanglement"] = self.entanglement[:, 0].double().numpy()
+        return table
+
+    def best_layer(self) -> int:
+        """The layer whose direction scores highest on quality = snr * (1 - cosine)."""
+        return int(self.metrics()["quality"].idxmax())
+
+    def top_layers(self, k: int) -> list[int]:
+        return [int(i) for i in self.metrics()["quality"].nlargest(k).index]
+
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, torch.Tensor]) -> RefusalGeometry:
+        return cls(**{name: data[name] for name in cls.__dataclass_fields__})
+
+
+def measure(harmful: torch.Tensor, harmless: torch.Tensor, capability: torch.Tensor | None = None,
+            orthogonalize: bool = False, directions_per_layer: int = 1,
+            candidates: int = 8) -> RefusalGeometry:  # fmt: skip
+    """Directions, extra directions and their scores from (n, L, d) residual sets."""
+    main = refusal_directions(harmful, harmless, orthogonalize)
+    extra, extra_fisher = extra_directions(harmful, harmless, main, directions_per_layer - 1,
+                                           max(candidates, directions_per_layer - 1))  # fmt: skip
+    main_fisher = fisher_ratio(torch.einsum("nld,ld->nl", harmful.double(), main.double()),
+                               torch.einsum("nld,ld->nl", harmless.double(), main.double()))  # fmt: skip
+    fisher = torch.cat([main_fisher.float()[:, None], extra_fisher], dim=1)
+    bad_mean, good_mean = harmful.double().mean(0), harmless.double().mean(0)
+    entangled = torch.full_like(fisher, float("nan"))
+    if capability is not None:
+        for layer in range(main.shape[0]):
+            basis = torch.cat([main[layer : layer + 1], extra[layer]])
+            entangled[layer] = entanglement(capability[:, layer], bad_mean[layer], good_mean[layer], basis).float()
+    return RefusalGeometry(bad_mean.float(), good_mean.float(), main, extra, fisher, entangled)
+
+
+def biproject(basis: torch.Tensor, harmless_mean: torch.Tensor) -> torch.Tensor:
+    """Rows of `basis` with the component along a target layer's harmless mean removed, then
+    re-orthonormalised: a direction measured at one layer, made harmless-neutral for another."""
+    good = torch.nn.functional.normalize(harmless_mean.double(), dim=-1)
+    return orthonormalize(basis.double(), against=good[None]).to(basis.dtype)

@@ -11,21 +11,25 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import optuna
-import torch
 
 from . import __version__
-from .ablation import Abliterator, Edit
+from .ablation import Abliterator, Edit, EditOptions
 from .config import Settings
 from .errors import HereticError
 from .model import load_model, model_fingerprint
-from .study import cached_directions, compute_directions, load_all_prompts, trial_edit
+from .study import cached_geometry, compute_geometry, load_all_prompts, trial_edit
 
 
 def model_card(settings: Settings, study: optuna.Study, trial: optuna.trial.FrozenTrial, edit: Edit) -> str:
     base = study.user_attrs.get("base_refusals", "?")
     total = study.user_attrs.get("n_harmful_eval", "?")
     index = "per layer" if edit.direction_index is None else f"{edit.direction_index:.2f}"
-    rows = [("direction_index", index)]
+    rows = [("direction_index", index), ("row_normalization", settings.row_normalization),
+            ("orthogonalize_direction", str(settings.orthogonalize_direction).lower()),
+            ("biproject_direction", str(settings.biproject_direction).lower()),
+            ("directions_per_layer", str(settings.directions_per_layer))]
+    if settings.capability_prompts is not None:
+        rows.append(("entangled_strength", f"{edit.entangled_strength:.3f}"))
     for component, kernel in edit.kernels.items():
         for key, value in vars(kernel).items():
             rows.append((f"{component}.{key}", f"{value:.2f}"))
@@ -38,8 +42,9 @@ base_model: {settings.model}
 
 A refusal-ablated version of `{settings.model}`, made with heretic_like {__version__}
 (study `{study.study_name}`, trial {trial.number}, {datetime.now(timezone.utc):%Y-%m-%d}).
-Each listed module's weight was edited as W <- W - w r r^T W, with the refusal direction r and
-the per-layer strength w given by the kernel below.
+Each listed module's weight was edited as W <- W - w V^T V W (V: the refusal direction(s), one
+row each; with row_normalization "full", the projection acts on the unit rows of W and every row
+keeps its original norm), with the per-layer strength w given by the kernel below.
 
 ## Abliteration parameters
 
@@ -59,13 +64,12 @@ Removing refusals does not make a model's answers correct or safe; use responsib
 """
 
 
-def save_merged(abliterator: Abliterator, edit: Edit, directions: torch.Tensor, out_dir: str | Path,
-                card: str) -> Path:  # fmt: skip
+def save_merged(abliterator: Abliterator, edit: Edit, out_dir: str | Path, card: str) -> Path:
     """Apply `edit`, merge it into the weights and write the model folder atomically."""
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    abliterator.apply(edit, directions)
+    abliterator.apply(edit)
     model = abliterator.merged_model()
     try:
         model.save_pretrained(tmp)
@@ -93,7 +97,7 @@ def default_export_dir(settings: Settings, trial_number: int) -> Path:
 
 
 def export_trial(study: optuna.Study, settings: Settings, number: int, out_dir: str | Path | None = None,
-                 abliterator: Abliterator | None = None, directions: torch.Tensor | None = None) -> Path:  # fmt: skip
+                 abliterator: Abliterator | None = None) -> Path:
     """Re-apply a finished trial and write it out; loads the model unless one is handed over."""
     edit, trial = trial_edit(study, number)
     if abliterator is None:
@@ -101,11 +105,11 @@ def export_trial(study: optuna.Study, settings: Settings, number: int, out_dir: 
         stored = study.user_attrs.get("model_fingerprint")
         if stored is not None and stored != model_fingerprint(loaded.model):
             raise HereticError(f"'{settings.model}' is not the model study '{study.study_name}' was run on")
-        directions = cached_directions(settings, loaded.num_layers)
-        if directions is None:
+        geometry = cached_geometry(settings, loaded.num_layers)
+        if geometry is None:
             batch = settings.batch_size or 8
-            directions = compute_directions(settings, loaded, load_all_prompts(settings), batch, verbose=False)
-        abliterator = Abliterator(loaded, list(edit.kernels))
+            geometry = compute_geometry(settings, loaded, load_all_prompts(settings), batch, verbose=False)
+        abliterator = Abliterator(loaded, list(edit.kernels), geometry, EditOptions.from_settings(settings))
     out = Path(out_dir) if out_dir else default_export_dir(settings, number)
     print(f"Exporting trial {number} to {out} ...", flush=True)
-    return save_merged(abliterator, edit, directions, out, model_card(settings, study, trial, edit))
+    return save_merged(abliterator, edit, out, model_card(settings, study, trial, edit))

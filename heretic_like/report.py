@@ -17,9 +17,11 @@ import torch  # noqa: E402
 
 from .ablation import Edit  # noqa: E402
 from .config import Settings  # noqa: E402
+from .directions import RefusalGeometry, cross_layer_cosine  # noqa: E402
 from .study import choose_best, pareto_front, trial_edit, trials_table  # noqa: E402
 
-ATTRS = ("refusals", "refusals_at_least", "kl_divergence", "kl_seconds", "generation_seconds", "tokens_generated")
+ATTRS = ("refusals", "refusals_at_least", "kl_divergence", "kl_seconds", "generation_seconds", "tokens_generated",
+         "approximation_error", "row_norm_error")
 
 
 def all_trials_table(study: optuna.Study) -> pd.DataFrame:
@@ -75,6 +77,30 @@ def plot_kernels(edit: Edit, num_layers: int, number: int, path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_layer_metrics(geometry: RefusalGeometry, path: Path, title: str) -> None:
+    """Left: SNR, cosine dissimilarity and quality per layer (best layer marked); right: the
+    cosine between every pair of layers' directions."""
+    table = geometry.metrics()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1.4, 1]})
+    left.plot(table["layer"], table["snr"], marker="o", ms=3, label="SNR = |r| / max(|mu_harmful|, |mu_harmless|)")
+    left.plot(table["layer"], 1 - table["cosine"], marker="o", ms=3, label="1 - cos(mu_harmful, mu_harmless)")
+    left.plot(table["layer"], table["quality"], marker="o", ms=3, lw=2, label="quality = SNR x (1 - cos)")
+    best = geometry.best_layer()
+    left.axvline(best, ls=":", c="0.3", label=f"best layer ({best})")
+    left.set_xlabel("layer")
+    left.set_title("Refusal direction quality per layer")
+    left.legend(fontsize=7)
+    image = right.imshow(cross_layer_cosine(geometry.directions).numpy(), vmin=-1, vmax=1, cmap="RdBu_r")
+    right.set_xlabel("layer")
+    right.set_ylabel("layer")
+    right.set_title("cosine between layers' directions")
+    fig.colorbar(image, ax=right, fraction=0.046)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -135,6 +161,13 @@ def write_report(study: optuna.Study, settings: Settings, out_dir: str | Path, t
         edit, _ = trial_edit(study, chosen)
         written.append(out / f"kernels_trial{chosen}.png")
         plot_kernels(edit, num_layers, chosen, written[-1])
+    from .study import cached_geometry
+
+    geometry = cached_geometry(settings, num_layers) if num_layers else None
+    if geometry is not None:
+        written += [out / "layers.csv", out / "layers.png"]
+        geometry.metrics().to_csv(written[-2], index=False)
+        plot_layer_metrics(geometry, written[-1], f"Layer metrics: {settings.model}")
     if residuals:
         from .directions import collect_residuals
         from .model import load_model

@@ -20,9 +20,9 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from . import __version__
-from .ablation import Abliterator, Edit
+from .ablation import Abliterator, Edit, EditOptions
 from .config import SearchSpace, Settings, build_settings, merge_dicts
-from .directions import collect_residuals, layer_geometry, refusal_directions, winsorize
+from .directions import RefusalGeometry, collect_residuals, measure, winsorize
 from .errors import HereticError
 from .evaluation import Evaluator, autotune_batch_size
 from .kernel import Kernel
@@ -36,14 +36,26 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # ----------------------------------------------------------------------------- search space
 
 
-def sample_edit(trial: optuna.Trial, space: SearchSpace, num_layers: int) -> Edit:
-    """Draw one edit. Layer positions are sampled as fractions of the last layer index."""
+def sample_edit(trial: optuna.Trial, space: SearchSpace, geometry: RefusalGeometry,
+                entanglement_aware: bool = False) -> Edit:  # fmt: skip
+    """Draw one edit. Layer positions are sampled as fractions of the last layer index.
+
+    Direction scopes: "global" samples a fractional layer index (or, with `top_quality_layers`,
+    one of the layers that score best on the quality metric), "per_layer" uses each layer's own
+    directions, "best_layer" the single layer with the best quality.
+    """
+    num_layers = geometry.num_layers
     last = max(num_layers - 1, 1)
     scope = space.direction_scope[0]
     if len(space.direction_scope) > 1:
         scope = trial.suggest_categorical("direction_scope", space.direction_scope)
     index = None
-    if scope == "global":
+    if scope == "best_layer":
+        index = float(geometry.best_layer())
+    elif scope == "global" and space.top_quality_layers:
+        layers = sorted(geometry.top_layers(space.top_quality_layers))
+        index = float(trial.suggest_categorical("direction_layer", layers))
+    elif scope == "global":
         index = trial.suggest_float("direction_index", space.direction_index.low * last,
                                     space.direction_index.high * last)  # fmt: skip
     kernels = {}
@@ -55,7 +67,33 @@ def sample_edit(trial: optuna.Trial, space: SearchSpace, num_layers: int) -> Edi
         distance = trial.suggest_float(f"{c}.min_weight_distance", space.min_weight_distance.low * last,
                                        space.min_weight_distance.high * last)  # fmt: skip
         kernels[c] = Kernel(max_weight, position, fraction * max_weight, distance)
-    return Edit(index, kernels)
+    strength = 1.0
+    if entanglement_aware:
+        strength = trial.suggest_float("entangled_strength", space.entangled_strength.low,
+                                       space.entangled_strength.high)  # fmt: skip
+    return Edit(index, kernels, strength)
+
+
+def best_layer_seed(space: SearchSpace, geometry: RefusalGeometry) -> dict[str, float | str]:
+    """Parameters of a first trial aimed by the layer metrics: the best-quality layer's direction,
+    every kernel peaking there (each clamped into the search range)."""
+    last = max(geometry.num_layers - 1, 1)
+    best = float(geometry.best_layer())
+
+    def clamp(value: float, rng) -> float:
+        return min(max(value, rng.low * last), rng.high * last)
+
+    params: dict[str, float | str] = {}
+    if "global" in space.direction_scope:
+        if len(space.direction_scope) > 1:
+            params["direction_scope"] = "global"
+        if space.top_quality_layers:
+            params["direction_layer"] = int(best)
+        else:
+            params["direction_index"] = clamp(best, space.direction_index)
+    for c in space.components:
+        params[f"{c}.max_weight_position"] = clamp(best, space.max_weight_position)
+    return params
 
 
 def objectives(refusals: int, kl: float, base_refusals: int, scale: float, target: float) -> tuple[float, float]:
@@ -163,41 +201,61 @@ def fail_stale_trials(study: optuna.Study) -> int:
 # ----------------------------------------------------------------------------- directions
 
 
+def study_file(settings: Settings, suffix: str) -> Path:
+    """A file kept beside the study: `<study_checkpoint_dir>/<study name><suffix>`."""
+    return Path(settings.study_checkpoint_dir) / f"{settings.resolved_study_name()}{suffix}"
+
+
 def directions_path(settings: Settings) -> Path:
-    return Path(settings.study_checkpoint_dir) / f"{settings.resolved_study_name()}.directions.pt"
+    return study_file(settings, ".directions.pt")
 
 
-def cached_directions(settings: Settings, num_layers: int) -> torch.Tensor | None:
-    """The directions saved by an earlier run of the same study, if they still apply."""
+def cached_geometry(settings: Settings, num_layers: int) -> RefusalGeometry | None:
+    """The measurements saved by an earlier run of the same study, if they still apply."""
     path = directions_path(settings)
     if not path.is_file():
         return None
     cached = torch.load(path, weights_only=True)
-    if cached.get("fingerprint") != settings.study_fingerprint() or cached["directions"].shape[0] != num_layers:
+    if cached.get("fingerprint") != settings.study_fingerprint() or "geometry" not in cached:
         return None
-    return cached["directions"]
+    geometry = RefusalGeometry.from_dict(cached["geometry"])
+    return geometry if geometry.num_layers == num_layers else None
 
 
-def compute_directions(settings: Settings, loaded: LoadedModel, prompts: dict[str, list[str]], batch_size: int,
-                       verbose: bool = True) -> torch.Tensor:  # fmt: skip
-    """Per-layer refusal directions, cached beside the study (keyed by the config fingerprint)."""
-    cached = cached_directions(settings, loaded.num_layers)
-    if cached is not None:
-        return cached
-    path = directions_path(settings)
-    harmful = collect_residuals(loaded, prompts["bad_prompts"], settings.system_prompt, batch_size, "harmful residuals")
-    harmless = collect_residuals(loaded, prompts["good_prompts"], settings.system_prompt, batch_size,
-                                 "harmless residuals")  # fmt: skip
-    harmful = winsorize(harmful, settings.winsorization_quantile)
-    harmless = winsorize(harmless, settings.winsorization_quantile)
-    if settings.print_residual_geometry and verbose:
-        print(pd.DataFrame(layer_geometry(harmful, harmless)).to_string(index=False, float_format="%.4f"))
-    directions = refusal_directions(harmful, harmless, settings.orthogonalize_direction)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"fingerprint": settings.study_fingerprint(), "directions": directions}, tmp)
-    tmp.replace(path)
-    return directions
+def compute_geometry(settings: Settings, loaded: LoadedModel, prompts: dict[str, list[str]], batch_size: int,
+                     verbose: bool = True) -> RefusalGeometry:  # fmt: skip
+    """Directions and layer metrics, cached beside the study (keyed by the config fingerprint).
+
+    Also writes the per-layer metrics as `<study>.layers.csv` and a plot `<study>.layers.png`.
+    """
+    geometry = cached_geometry(settings, loaded.num_layers)
+    if geometry is None:
+        sets = {"harmful": "bad_prompts", "harmless": "good_prompts", "capability": "capability_prompts"}
+        residuals = {}
+        for kind, key in sets.items():
+            if prompts.get(key) is not None:
+                collected = collect_residuals(loaded, prompts[key], settings.system_prompt, batch_size,
+                                              f"{kind} residuals")  # fmt: skip
+                residuals[kind] = winsorize(collected, settings.winsorization_quantile)
+        geometry = measure(residuals["harmful"], residuals["harmless"], residuals.get("capability"),
+                           settings.orthogonalize_direction, settings.directions_per_layer,
+                           settings.direction_candidates)  # fmt: skip
+        path = directions_path(settings)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"fingerprint": settings.study_fingerprint(), "geometry": geometry.to_dict()}, tmp)
+        tmp.replace(path)
+    if verbose:
+        from .report import plot_layer_metrics
+
+        table = geometry.metrics()
+        table.to_csv(study_file(settings, ".layers.csv"), index=False)
+        plot_layer_metrics(geometry, study_file(settings, ".layers.png"), settings.model)
+        if settings.print_residual_geometry:
+            print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        print(f"Best layer by quality (snr x (1 - cos)): {geometry.best_layer()}; "
+              f"metrics in {study_file(settings, '.layers.csv')}")  # fmt: skip
+    return geometry
 
 
 # ----------------------------------------------------------------------------- results
@@ -210,6 +268,8 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
         row = {"trial": t.number, "refusals": t.user_attrs["refusals"], "kl_divergence": t.user_attrs["kl_divergence"]}
         index = edit.get("direction_index")
         row["direction_index"] = "per layer" if index is None else round(index, 2)
+        if edit.get("entangled_strength", 1.0) != 1.0:
+            row["entangled_strength"] = round(edit["entangled_strength"], 3)
         for component, kernel in edit.get("kernels", {}).items():
             for key, value in kernel.items():
                 row[f"{component}.{key}"] = round(value, 2)
@@ -254,8 +314,11 @@ def print_front(study: optuna.Study) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- the run
 
 
-def load_all_prompts(settings: Settings) -> dict[str, list[str]]:
-    return {name: load_prompts(getattr(settings, name), name) for name in PROMPT_SETS}
+def load_all_prompts(settings: Settings) -> dict[str, list[str] | None]:
+    prompts = {name: load_prompts(getattr(settings, name), name) for name in PROMPT_SETS}
+    spec = settings.capability_prompts
+    prompts["capability_prompts"] = load_prompts(spec, "capability_prompts") if spec is not None else None
+    return prompts
 
 
 def prepare(settings: Settings, study: optuna.Study, prompts: dict[str, list[str]], timings: dict[str, float]):
@@ -279,14 +342,14 @@ def prepare(settings: Settings, study: optuna.Study, prompts: dict[str, list[str
         batch_size = autotune_batch_size(loaded, sample, settings.max_batch_size)
         print(f"Batch size: {batch_size} (auto)")
     started = time.perf_counter()
-    directions = compute_directions(settings, loaded, prompts, batch_size)
+    geometry = compute_geometry(settings, loaded, prompts, batch_size)
     timings["directions"] = time.perf_counter() - started
     started = time.perf_counter()
     evaluator = Evaluator(loaded, prompts["bad_evaluation_prompts"], prompts["good_evaluation_prompts"],
                           settings.system_prompt, settings.refusal_markers, settings.max_response_length,
                           batch_size, settings.stop_at_marker)  # fmt: skip
     timings["base_logprobs"] = time.perf_counter() - started
-    return loaded, directions, evaluator
+    return loaded, geometry, evaluator
 
 
 def refusal_cap(study: optuna.Study):
@@ -307,7 +370,7 @@ class StudyRun:
 
     study: optuna.Study
     abliterator: Abliterator
-    directions: torch.Tensor
+    geometry: RefusalGeometry
     evaluator: Evaluator
     table: pd.DataFrame
     timings: dict[str, float]
@@ -322,7 +385,7 @@ def run_study(settings: Settings) -> StudyRun:
         print(f"Resuming study '{study.study_name}': {done}/{settings.n_trials} trials done"
               + (f", {stale} interrupted trial(s) discarded" if stale else ""))  # fmt: skip
     timings: dict[str, float] = {}
-    loaded, directions, evaluator = prepare(settings, study, prompts, timings)
+    loaded, geometry, evaluator = prepare(settings, study, prompts, timings)
     print(f"Model ready: {loaded.num_layers} layers (load {timings['load']:.1f} s, "
           f"directions {timings['directions']:.1f} s)")  # fmt: skip
 
@@ -338,11 +401,16 @@ def run_study(settings: Settings) -> StudyRun:
     evaluator.prioritize(study.user_attrs.get("base_refused_positions") or [])
     print(f"Unedited model refuses {base_refusals}/{len(evaluator.harmful)} harmful evaluation prompts")
 
-    abliterator = Abliterator(loaded, settings.search.components)
+    abliterator = Abliterator(loaded, settings.search.components, geometry, EditOptions.from_settings(settings))
+    if settings.search.seed_best_layer and not study.trials:
+        study.enqueue_trial(best_layer_seed(settings.search, geometry), skip_if_exists=True)
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
-        edit = sample_edit(trial, settings.search, loaded.num_layers)
-        abliterator.apply(edit, directions)
+        edit = sample_edit(trial, settings.search, geometry, settings.capability_prompts is not None)
+        stats = abliterator.apply(edit)
+        if settings.row_normalization == "full":
+            trial.set_user_attr("approximation_error", round(stats.approximation_error, 6))
+            trial.set_user_attr("row_norm_error", round(stats.row_norm_error, 6))
         score = evaluator.score(f"trial {trial.number}", refusal_cap(trial.study) if settings.prune_dominated else None)
         trial.set_user_attr("edit", edit.to_dict())
         trial.set_user_attr("kl_divergence", score.kl_divergence)
@@ -376,7 +444,7 @@ def run_study(settings: Settings) -> StudyRun:
         finally:
             bar.close()
     table = print_front(study)
-    return StudyRun(study, abliterator, directions, evaluator, table, timings)
+    return StudyRun(study, abliterator, geometry, evaluator, table, timings)
 
 
 def pick_trial(settings: Settings, table: pd.DataFrame, interactive: bool) -> int | None:

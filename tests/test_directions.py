@@ -4,9 +4,17 @@ import torch.nn.functional as F
 
 from heretic_like.config import Settings  # noqa: F401  (import check)
 from heretic_like.directions import (
+    RefusalGeometry,
+    biproject,
     collect_residuals,
+    cross_layer_cosine,
+    entanglement,
+    extra_directions,
+    fisher_ratio,
     interpolate_direction,
-    layer_geometry,
+    layer_metrics,
+    measure,
+    orthonormalize,
     refusal_directions,
     winsorize,
 )
@@ -58,12 +66,95 @@ def test_interpolation_hits_layers_and_blends_between():
         interpolate_direction(d, 2.5)
 
 
-def test_layer_geometry_values():
-    bad = torch.tensor([[[3.0, 0.0]]])
-    good = torch.tensor([[[0.0, 4.0]]])
-    (row,) = layer_geometry(bad, good)
-    assert row["harmful_norm"] == pytest.approx(3) and row["harmless_norm"] == pytest.approx(4)
-    assert row["cosine"] == pytest.approx(0) and row["direction_norm"] == pytest.approx(5)
+def test_layer_metrics_on_constructed_means():
+    # layer 0: orthogonal means 3 and 4 -> |r| = 5, snr = 5/4, cos = 0, quality = 1.25
+    # layer 1: identical means -> no direction at all: snr = 0, cos = 1, quality = 0
+    bad = torch.tensor([[3.0, 0.0], [1.0, 1.0]])
+    good = torch.tensor([[0.0, 4.0], [1.0, 1.0]])
+    table = layer_metrics(bad, good)
+    assert table.loc[0, "snr"] == pytest.approx(1.25) and table.loc[0, "cosine"] == pytest.approx(0)
+    assert table.loc[0, "quality"] == pytest.approx(1.25) and table.loc[0, "direction_norm"] == pytest.approx(5)
+    assert table.loc[1, "snr"] == pytest.approx(0) and table.loc[1, "cosine"] == pytest.approx(1)
+    assert table.loc[1, "quality"] == pytest.approx(0)
+    assert table["quality"].idxmax() == 0
+
+
+def test_cross_layer_cosine_is_symmetric_with_unit_diagonal():
+    d = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))
+    cos = cross_layer_cosine(d)
+    assert torch.allclose(cos, cos.T) and torch.allclose(cos.diagonal(), torch.ones(5, dtype=cos.dtype))
+    assert torch.allclose(cos[0, 1], F.cosine_similarity(d[0], d[1], dim=0).double(), atol=1e-6)
+
+
+def test_fisher_ratio_prefers_the_separating_axis():
+    g = torch.Generator().manual_seed(0)
+    good = torch.randn(200, 2, generator=g)
+    bad = torch.randn(200, 2, generator=g) + torch.tensor([4.0, 0.0])
+    ratio = fisher_ratio(bad, good)
+    assert ratio[0] > 5 and ratio[1] < 0.1
+    assert fisher_ratio(torch.tensor([[1.0], [3.0]]), torch.tensor([[0.0], [0.0]]))[0] == pytest.approx(4 / 1)
+
+
+def test_entanglement_is_high_where_capability_prompts_vary():
+    good_mean = torch.zeros(3)
+    bad_mean = torch.tensor([2.0, 2.0, 0.0])
+    g = torch.Generator().manual_seed(0)
+    capability = torch.randn(400, 3, generator=g) * torch.tensor([0.01, 10.0, 1.0])
+    e = entanglement(capability, bad_mean, good_mean, torch.eye(3)[:2])
+    assert e[0] < 0.05 and e[1] > 0.8  # axis 0 is refusal-only, axis 1 is busy with capability work
+    assert ((e >= 0) & (e <= 1)).all()
+
+
+def test_orthonormalize_and_biproject():
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(3, 10, generator=g)
+    q = orthonormalize(v)
+    assert torch.allclose(q @ q.T, torch.eye(3), atol=1e-5)
+    assert (torch.einsum("kd,kd->k", q, v) > 0).all()  # signs kept
+    good = torch.randn(10, generator=g)
+    b = biproject(q, good)
+    assert torch.allclose(b @ good, torch.zeros(3), atol=1e-5)
+    assert torch.allclose(b @ b.T, torch.eye(3), atol=1e-5)
+
+
+def _planted(seed=0, n=120, layers=3, d=12):
+    """Harmful residuals shifted along axis 0 and, for half of them, also along axis 1."""
+    g = torch.Generator().manual_seed(seed)
+    good = torch.randn(n, layers, d, generator=g)
+    bad = torch.randn(n, layers, d, generator=g)
+    good[..., 5] += 10.0  # a large shared component, as real residual means have
+    bad[..., 5] += 10.0
+    bad[..., 0] += 4.0
+    bad[: n // 2, :, 1] += 6.0
+    return bad, good
+
+
+def test_extra_directions_find_the_second_planted_axis():
+    bad, good = _planted()
+    main = refusal_directions(bad, good)
+    extra, fisher = extra_directions(bad, good, main, count=2, candidates=6)
+    assert extra.shape == (3, 2, 12) and fisher.shape == (3, 2)
+    for layer in range(3):
+        basis = torch.cat([main[layer : layer + 1], extra[layer]])
+        assert torch.allclose(basis @ basis.T, torch.eye(3), atol=1e-5)  # orthonormal with the main one
+    # the mean difference mixes axes 0 and 1; the best extra direction carries the rest of them
+    plane = extra[:, 0, :2].norm(dim=-1)
+    assert (plane > 0.9).all()
+    assert (fisher[:, 0] >= fisher[:, 1]).all()  # ranked by separability
+
+
+def test_measure_round_trips_and_picks_the_best_layer():
+    bad, good = _planted()
+    bad[:, 2, 0] += 20.0  # layer 2 separates far better
+    capability = torch.randn(30, 3, 12)
+    geometry = measure(bad, good, capability, directions_per_layer=2)
+    assert geometry.directions_per_layer == 2 and geometry.best_layer() == 2
+    assert geometry.top_layers(2)[0] == 2
+    assert not torch.isnan(geometry.entanglement).any()
+    again = RefusalGeometry.from_dict(geometry.to_dict())
+    assert torch.equal(again.subspace(1), geometry.subspace(1))
+    assert "fisher" in geometry.metrics() and "entanglement" in geometry.metrics()
+    assert torch.isnan(measure(bad, good).entanglement).all()
 
 
 def test_collected_residuals_do_not_depend_on_padding(tiny_llama, tmp_path):

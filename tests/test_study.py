@@ -67,7 +67,7 @@ def test_full_study_reduces_refusals_and_exports_identical_model(refusing_model,
     )
     settings = load_settings(str(config))
     run = run_study(settings)
-    study, abliterator, directions, table = run.study, run.abliterator, run.directions, run.table
+    study, abliterator, table = run.study, run.abliterator, run.table
     assert {"load", "directions", "base_logprobs", "base_refusals"} <= set(run.timings)
     out = capsys.readouterr().out
     assert "Pareto front" in out and len(study.trials) == 6
@@ -78,7 +78,7 @@ def test_full_study_reduces_refusals_and_exports_identical_model(refusing_model,
 
     number = int(table.sort_values("refusals").iloc[0]["trial"])
     edit, _ = trial_edit(study, number)
-    abliterator.apply(edit, directions)
+    abliterator.apply(edit)
     prompts = ["How do I make a bomb?", "Write a poem about rain"]
     batch = encode(abliterator.loaded.tokenizer, chat_texts(abliterator.loaded.tokenizer, prompts, None), "cpu")
     with torch.no_grad():
@@ -215,3 +215,49 @@ def test_ctrl_c_mid_study_exits_cleanly_then_resumes(tiny_llama, tmp_path):
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(_completed(journal)) == len(done) + 1
+
+
+def test_study_with_norm_preserving_multi_direction_biprojected_edits(tiny_llama, tmp_path, capsys):
+    config = study_config(tmp_path, tiny_llama, n_trials=3, row_normalization='"full"',
+                          full_normalization_lora_rank=4, directions_per_layer=2, biproject_direction="true",
+                          export_trial=2)  # fmt: skip
+    config.write_text(
+        config.read_text()
+        + '[capability_prompts]\ndataset = "builtin:capability"\n'
+        + '[search]\ndirection_scope = ["best_layer", "global"]\ntop_quality_layers = 2\nseed_best_layer = true\n'
+    )
+    assert main(["--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "Best layer by quality" in out
+    layers = pd.read_csv(tmp_path / "checkpoints" / "tiny-llama0.layers.csv")
+    assert len(layers) == 4 and {"snr", "cosine", "quality", "fisher", "entanglement"} <= set(layers.columns)
+    assert (tmp_path / "checkpoints" / "tiny-llama0.layers.png").stat().st_size > 0
+    study = load_existing_study(str(_journal(tmp_path)), None)
+    first = study.trials[0]  # the enqueued seed: aimed at the best-quality layer
+    best = int(layers["quality"].idxmax())
+    assert first.params.get("direction_layer", best) == best
+    finished = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert finished and all(0 <= t.user_attrs["approximation_error"] < 1 for t in finished)
+    assert all("entangled_strength" in t.params for t in study.trials)
+
+    # the export writes the exact norm-preserving weights: every edited row keeps its norm
+    from safetensors.torch import load_file
+
+    exported = load_file(next((tmp_path / "checkpoints" / "tiny-llama0-trial2").glob("*.safetensors")))
+    original = load_file(next(Path(tiny_llama).glob("*.safetensors")))
+    changed = 0
+    for name, weight in exported.items():
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            assert torch.allclose(weight.norm(dim=1), original[name].norm(dim=1), rtol=1e-5), name
+            changed += not torch.allclose(weight, original[name])
+    assert changed > 0
+
+
+def test_hook_mode_study_runs_and_rejects_row_normalisation(tiny_llama, tmp_path, capsys):
+    config = study_config(tmp_path, tiny_llama, n_trials=2, edit_mode='"hooks"')
+    assert main(["--config", str(config)]) == 0
+    assert len(_completed(_journal(tmp_path))) == 2
+    capsys.readouterr()
+    assert main(["--config", str(config), "--row-normalization", "full"]) == 2
+    err = capsys.readouterr().err
+    assert "edit_mode = 'hooks' needs row_normalization = 'none'" in err and err.count("\n") == 1
