@@ -146,6 +146,9 @@ def main() -> None:
         f"torch {torch.__version__}",
         "command": " ".join(sys.argv),
         "study": name,
+        "method": {k: settings.model_dump(mode="json")[k] for k in (
+            "orthogonalize_direction", "row_normalization", "full_normalization_lora_rank", "biproject_direction",
+            "directions_per_layer", "edit_mode", "capability_prompts", "search")},
         "n_trials": len(trials),
         "n_pruned": sum(t.state.name == "PRUNED" for t in trials),
         "batch_size": run.evaluator.batch_size,
@@ -170,7 +173,8 @@ def main() -> None:
         "samples": [{"prompt": p, "before": b, "after": a}
                     for p, b, a in zip(heldout[:5] + edgy[:5], base_samples, best_samples, strict=True)],
         "trials": [{"trial": t.number, "state": t.state.name, **{k: t.user_attrs.get(k) for k in (
-            "refusals", "refusals_at_least", "kl_divergence", "kl_seconds", "generation_seconds", "tokens_generated")}}
+            "refusals", "refusals_at_least", "kl_divergence", "kl_seconds", "generation_seconds", "tokens_generated",
+            "approximation_error", "row_norm_error")}}
             for t in trials],
     }  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -32,8 +32,9 @@ def geometry_for(num_layers, d=64, k=1, seed=3, entanglement=None):
     g = torch.Generator().manual_seed(seed)
     bases = torch.stack([orthonormalize(torch.randn(k, d, generator=g)) for _ in range(num_layers)])
     ent = torch.full((num_layers, k), float("nan")) if entanglement is None else entanglement
-    return RefusalGeometry(torch.randn(num_layers, d, generator=g), torch.randn(num_layers, d, generator=g),
-                           bases[:, 0].contiguous(), bases[:, 1:].contiguous(), torch.ones(num_layers, k), ent)  # fmt: skip
+    means = torch.randn(2, num_layers, d, generator=g)
+    return RefusalGeometry(means[0], means[1], bases[:, 0].contiguous(), bases[:, 1:].contiguous(),
+                           torch.ones(num_layers, k), ent)  # fmt: skip
 
 
 def test_rank1_factors_reproduce_the_direct_edit():
@@ -212,8 +213,8 @@ def test_full_normalisation_trials_are_approximate_and_export_is_exact(tiny_llam
     assert torch.allclose(exported, lora_logits, atol=0.05)  # the LoRA was a close approximation
     # a higher-rank approximation is at least as faithful
     again = load_model(settings_for(tiny_llama, tmp_path))
-    better = Abliterator(again, ["attn.o_proj", "mlp.down_proj"], geometry,
-                         EditOptions(row_normalization="full", full_normalization_lora_rank=12)).apply(edit)  # fmt: skip
+    options = EditOptions(row_normalization="full", full_normalization_lora_rank=12)
+    better = Abliterator(again, ["attn.o_proj", "mlp.down_proj"], geometry, options).apply(edit)
     assert better.approximation_error <= stats.approximation_error + 1e-6
 
 
