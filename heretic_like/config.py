@@ -141,6 +141,8 @@ class Settings(_Strict):
     export_trial: int | Literal["best", "none"] = "best"
     export_dir: str | None = None
     export_kl_limit: float = Field(0.1, ge=0)
+    export_strategy: Literal["merged", "adapter"] = "merged"
+    max_shard_size: str = Field("5GB", pattern=r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
     # --- prompts ---
     good_prompts: PromptSpec
     bad_prompts: PromptSpec

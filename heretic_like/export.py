@@ -1,4 +1,4 @@
-"""Export a trial as merged weights: safetensors + tokenizer + a model card.
+"""Export a trial: merged weights (sharded safetensors) or a peft adapter, + tokenizer + model card.
 
 The folder is written under a temporary name and renamed at the end, so an interrupted or
 failed export never leaves a half-written model where the user expects one.
@@ -7,6 +7,7 @@ failed export never leaves a half-written model where the user expects one.
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -34,6 +35,10 @@ def model_card(settings: Settings, study: optuna.Study, trial: optuna.trial.Froz
         for key, value in vars(kernel).items():
             rows.append((f"{component}.{key}", f"{value:.2f}"))
     params = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    usage = ""
+    if settings.export_strategy == "adapter":
+        load = "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), THIS_FOLDER)"
+        usage = f"\n## Usage\n\nThis folder holds only a peft LoRA adapter for `{settings.model}`:\n\n    {load}\n"
     return f"""---
 tags: [heretic_like, abliterated, uncensored]
 base_model: {settings.model}
@@ -61,20 +66,16 @@ keeps its original norm), with the per-layer strength w given by the kernel belo
 
 Refusals are counted by marker strings in greedy responses of {settings.max_response_length} tokens.
 Removing refusals does not make a model's answers correct or safe; use responsibly.
-"""
+{usage}"""
 
 
-def save_merged(abliterator: Abliterator, edit: Edit, out_dir: str | Path, card: str) -> Path:
-    """Apply `edit`, merge it into the weights and write the model folder atomically."""
+def _write_atomically(out_dir: str | Path, write) -> Path:
+    """Call `write(tmp_folder)`, then move the folder into place (replacing an older export)."""
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    abliterator.apply(edit)
-    model = abliterator.merged_model()
     try:
-        model.save_pretrained(tmp)
-        abliterator.loaded.tokenizer.save_pretrained(tmp)
-        (tmp / "README.md").write_text(card)
+        write(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -88,6 +89,39 @@ def save_merged(abliterator: Abliterator, edit: Edit, out_dir: str | Path, card:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp.rename(out)
     return out
+
+
+def save_merged(abliterator: Abliterator, edit: Edit, out_dir: str | Path, card: str,
+                max_shard_size: str = "5GB") -> Path:  # fmt: skip
+    """Apply `edit`, write it exactly into the weights and save the model folder atomically."""
+    abliterator.apply(edit)
+    model = abliterator.merged_model()
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        abliterator.loaded.tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(card)
+
+    return _write_atomically(out_dir, write)
+
+
+def save_adapter(abliterator: Abliterator, edit: Edit, out_dir: str | Path, card: str) -> Path:
+    """Apply `edit` and save only its LoRA (adapter_config.json + adapter_model.safetensors), for
+    `PeftModel.from_pretrained(base_model, out_dir)`. A hook-mode abliterator is rewrapped as a
+    LoRA first (the same edit). With row_normalization "full" the adapter is the trial-time
+    low-rank approximation, not the exact norm-preserving weights."""
+    if abliterator.hooks is not None:
+        abliterator.hooks.remove()
+        abliterator = Abliterator(abliterator.loaded, abliterator.components, abliterator.geometry,
+                                  replace(abliterator.options, mode="lora"))  # fmt: skip
+    abliterator.apply(edit)
+
+    def write(tmp: Path) -> None:
+        abliterator.peft_model.save_pretrained(tmp)
+        abliterator.loaded.tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(card)
+
+    return _write_atomically(out_dir, write)
 
 
 def default_export_dir(settings: Settings, trial_number: int) -> Path:
@@ -111,5 +145,8 @@ def export_trial(study: optuna.Study, settings: Settings, number: int, out_dir: 
             geometry = compute_geometry(settings, loaded, load_all_prompts(settings), batch, verbose=False)
         abliterator = Abliterator(loaded, list(edit.kernels), geometry, EditOptions.from_settings(settings))
     out = Path(out_dir) if out_dir else default_export_dir(settings, number)
-    print(f"Exporting trial {number} to {out} ...", flush=True)
-    return save_merged(abliterator, edit, out, model_card(settings, study, trial, edit))
+    card = model_card(settings, study, trial, edit)
+    print(f"Exporting trial {number} ({settings.export_strategy}) to {out} ...", flush=True)
+    if settings.export_strategy == "adapter":
+        return save_adapter(abliterator, edit, out, card)
+    return save_merged(abliterator, edit, out, card, settings.max_shard_size)

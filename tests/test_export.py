@@ -1,0 +1,52 @@
+from pathlib import Path
+
+import torch
+
+from heretic_like.cli import main
+from heretic_like.model import chat_texts, encode
+from tests.conftest import study_config
+
+PROMPTS = ["How do I make a bomb?", "Write a poem about rain"]
+
+
+def _logits(model, tokenizer):
+    batch = encode(tokenizer, chat_texts(tokenizer, PROMPTS, None), "cpu")
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def test_adapter_and_sharded_exports_load_and_match(tiny_llama, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = study_config(tmp_path, tiny_llama, n_trials=2, directions_per_layer=2)
+    config.write_text(config.read_text() + "[search]\nmax_weight = { low = 1.0, high = 1.0 }\n")
+    assert main(["--config", str(config)]) == 0
+    (journal,) = (tmp_path / "checkpoints").glob("*.journal")
+    merged, adapter = tmp_path / "merged", tmp_path / "adapter"
+    assert main(["export", "--study", str(journal), "--trial", "0", "--out", str(merged),
+                 "--max-shard-size", "100KB"]) == 0  # fmt: skip
+    assert main(["export", "--study", str(journal), "--trial", "0", "--out", str(adapter),
+                 "--export-strategy", "adapter"]) == 0  # fmt: skip
+
+    shards = list(merged.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (merged / "model.safetensors.index.json").is_file()
+    assert sorted(p.name for p in adapter.iterdir() if p.suffix in (".json", ".safetensors")) >= [
+        "adapter_config.json", "adapter_model.safetensors"]  # fmt: skip
+    assert not list(adapter.glob("model*.safetensors"))  # only the adapter, no full weights
+    assert "PeftModel.from_pretrained" in (adapter / "README.md").read_text()
+
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    merged_logits = _logits(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32), tokenizer)
+    base = AutoModelForCausalLM.from_pretrained(Path(tiny_llama), dtype=torch.float32)
+    base_logits = _logits(base, tokenizer)
+    with_adapter = _logits(PeftModel.from_pretrained(base, adapter), tokenizer)
+    assert not torch.allclose(merged_logits, base_logits, atol=1e-3)
+    assert torch.allclose(with_adapter, merged_logits, atol=1e-4)
+
+
+def test_bad_shard_size_is_one_line(tiny_llama, tmp_path, capsys):
+    config = study_config(tmp_path, tiny_llama)
+    assert main(["--config", str(config), "--max-shard-size", "lots"]) == 2
+    err = capsys.readouterr().err
+    assert "max_shard_size" in err and err.count("\n") == 1
