@@ -89,13 +89,14 @@ def main(argv: list[str] | None = None) -> int:
             export_trial(study, settings, args.trial, args.out)
         else:
             from .export import export_trial
-            from .study import pick_trial, run_study
+            from .study import pick_trial, run_study, verify_long_responses
 
             settings = load_settings(args.config, overrides)
             run = run_study(settings)
             interactive = sys.stdin.isatty() and not os.environ.get("CI")
             number = pick_trial(settings, run.table, interactive)
             if number is not None:
+                verify_long_responses(run, settings, number)
                 export_trial(run.study, settings, number, None, run.abliterator)
     except HereticError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -112,6 +112,7 @@ class Settings(_Strict):
     max_batch_size: int = Field(64, ge=1)
     # --- scoring ---
     max_response_length: int = Field(100, ge=1)
+    verify_response_length: int = Field(256, ge=0)
     print_responses: bool = False
     print_residual_geometry: bool = False
     kl_divergence_scale: float = Field(1.0, gt=0)

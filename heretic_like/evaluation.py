@@ -227,6 +227,15 @@ class Evaluator:
         pruned = cap is not None and refusals >= cap
         return Score(refusals, kl, responses, mid - started, time.perf_counter() - mid, pruned, tokens)
 
+    def count_refusals(self, max_new_tokens: int, desc: str | None = None) -> tuple[int, list[str]]:
+        """Refusals of the current edit with responses of `max_new_tokens` (rows stop at their first
+        marker, so a longer check only costs the responses that keep complying)."""
+        responses: list[str] = []
+        for batch, _ in generate_batches(self.loaded, self.harmful, max_new_tokens, self.batch_size, desc,
+                                         self.markers, stop_rows=True):  # fmt: skip
+            responses += batch
+        return sum(is_refusal(r, self.markers) for r in responses), responses
+
     def refused_positions(self, score: Score) -> list[int]:
         """Original positions of the harmful prompts `score` counted as refused."""
         return [self.order[i] for i, r in enumerate(score.responses) if is_refusal(r, self.markers)]

@@ -18,7 +18,7 @@ from .ablation import Abliterator, Edit, EditOptions
 from .config import Settings
 from .errors import HereticError
 from .model import load_model, model_fingerprint
-from .study import cached_geometry, compute_geometry, load_all_prompts, trial_edit
+from .study import cached_geometry, compute_geometry, load_all_prompts, long_refusals, trial_edit
 
 
 def model_card(settings: Settings, study: optuna.Study, trial: optuna.trial.FrozenTrial, edit: Edit) -> str:
@@ -35,6 +35,9 @@ def model_card(settings: Settings, study: optuna.Study, trial: optuna.trial.Froz
         for key, value in vars(kernel).items():
             rows.append((f"{component}.{key}", f"{value:.2f}"))
     params = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    long, length = "", settings.verify_response_length
+    if long_refusals(study, trial.number, length) is not None:
+        long = f"| refusals, {length}-token responses | {long_refusals(study, trial.number, length)}/{total} | — |\n"
     usage = ""
     if settings.export_strategy == "adapter":
         load = "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), THIS_FOLDER)"
@@ -63,7 +66,7 @@ keeps its original norm), with the per-layer strength w given by the kernel belo
 |---|---|---|
 | KL divergence (first response token, harmless prompts) | {trial.user_attrs["kl_divergence"]:.4f} | 0 (by definition) |
 | refusals (harmful evaluation prompts) | {trial.user_attrs["refusals"]}/{total} | {base}/{total} |
-
+{long}
 Refusals are counted by marker strings in greedy responses of {settings.max_response_length} tokens.
 Removing refusals does not make a model's answers correct or safe; use responsibly.
 {usage}"""

@@ -467,6 +467,38 @@ def pick_trial(settings: Settings, table: pd.DataFrame, interactive: bool) -> in
         print(f"'{answer}' is not a completed trial number", file=sys.stderr)
 
 
+def long_refusals(study: optuna.Study, number: int, length: int) -> int | None:
+    """The refusal count stored for trial `number` with `length`-token responses, if measured."""
+    return study.user_attrs.get("long_refusals", {}).get(f"{number}@{length}")
+
+
+def verify_long_responses(run: StudyRun, settings: Settings, number: int) -> dict[str, int] | None:
+    """Re-count the chosen trial's refusals with `verify_response_length`-token responses.
+
+    Short responses undercount: a model may open compliantly and refuse a sentence later. Both
+    counts are printed and kept in the study (finished trials are read-only in Optuna, so in the
+    study's `long_refusals` attr), and the model card shows them.
+    """
+    length = settings.verify_response_length
+    if length <= settings.max_response_length:
+        return None
+    count = long_refusals(run.study, number, length)
+    if count is None:
+        edit, _ = trial_edit(run.study, number)
+        run.abliterator.apply(edit)
+        started = time.perf_counter()
+        count, _ = run.evaluator.count_refusals(length, f"trial {number}, {length}-token responses")
+        run.timings["verify_long"] = time.perf_counter() - started
+        stored = dict(run.study.user_attrs.get("long_refusals", {}))
+        stored[f"{number}@{length}"] = count
+        run.study.set_user_attr("long_refusals", stored)
+    _, trial = trial_edit(run.study, number)
+    total = len(run.evaluator.harmful)
+    print(f"Trial {number}: {trial.user_attrs['refusals']}/{total} refusals with {settings.max_response_length}-token "
+          f"responses, {count}/{total} with {length}-token responses")  # fmt: skip
+    return {"refusals": trial.user_attrs["refusals"], "refusals_long": count, "length": length}
+
+
 def trial_edit(study: optuna.Study, number: int) -> tuple[Edit, optuna.trial.FrozenTrial]:
     trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.number == number]
     if not trials:

@@ -50,3 +50,17 @@ def test_bad_shard_size_is_one_line(tiny_llama, tmp_path, capsys):
     assert main(["--config", str(config), "--max-shard-size", "lots"]) == 2
     err = capsys.readouterr().err
     assert "max_shard_size" in err and err.count("\n") == 1
+
+
+def test_chosen_trial_is_recounted_with_long_responses(refusing_model, tmp_path, capsys):
+    config = study_config(tmp_path, refusing_model, n_trials=2, export_trial=1, verify_response_length=40)
+    assert main(["--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("Trial 1:"))
+    # "Trial 1: S/24 refusals with 12-token responses, L/24 with 40-token responses"
+    short = int(line.split(": ")[1].split("/")[0])
+    long = int(line.split(", ")[1].split("/")[0])
+    assert "with 12-token responses" in line and "with 40-token responses" in line
+    assert long >= short  # greedy: a longer response extends the shorter one, so markers only add up
+    (export,) = (tmp_path / "checkpoints").glob("*-trial1")
+    assert f"| refusals, 40-token responses | {long}/24 |" in (export / "README.md").read_text()
