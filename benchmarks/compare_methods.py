@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=24)
     parser.add_argument("--startup", type=int, default=10)
     parser.add_argument("--out", default="benchmarks/methods")
+    parser.add_argument("--batch-size", default="16", help="fixed, so every method runs at the same batch")
     parser.add_argument("--only", nargs="*", help="run just these methods (names as in the table)")
     args = parser.parse_args()
     out = Path(args.out)
@@ -51,7 +52,7 @@ def main() -> None:
         if not summary_path.is_file():
             command = [sys.executable, str(ROOT / "benchmarks" / "qwen_benchmark.py"), "--trials", str(args.trials),
                        "--out", str(folder), "--pareto-limit", "2", "--study-name", f"methods-{slug(name)}",
-                       "--set", "n_startup_trials", str(args.startup), "--set", "seed", "0"]  # fmt: skip
+                       "--set", "n_startup_trials", str(args.startup), "--set", "seed", "0", "--set", "batch_size", args.batch_size]  # fmt: skip
             for key, value in overrides.items():
                 command += ["--set", key, value]
             print("$", " ".join(command), flush=True)
