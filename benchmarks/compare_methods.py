@@ -52,7 +52,8 @@ def main() -> None:
         if not summary_path.is_file():
             command = [sys.executable, str(ROOT / "benchmarks" / "qwen_benchmark.py"), "--trials", str(args.trials),
                        "--out", str(folder), "--pareto-limit", "2", "--study-name", f"methods-{slug(name)}",
-                       "--set", "n_startup_trials", str(args.startup), "--set", "seed", "0", "--set", "batch_size", args.batch_size]  # fmt: skip
+                       "--set", "n_startup_trials", str(args.startup), "--set", "seed", "0",
+                       "--set", "batch_size", args.batch_size]  # fmt: skip
             for key, value in overrides.items():
                 command += ["--set", key, value]
             print("$", " ".join(command), flush=True)

@@ -132,6 +132,20 @@ def _diff_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def _with_new_defaults(stored: dict | None) -> dict | None:
+    """A stored identity with keys added by later versions filled in with their defaults: an
+    older study ran with exactly those, so it still resumes."""
+    if stored is None:
+        return None
+    defaults = {}
+    for key in Settings.STUDY_KEYS:
+        field = Settings.model_fields[key]
+        if not field.is_required():
+            value = field.get_default(call_default_factory=True)
+            defaults[key] = value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+    return merge_dicts(defaults, stored)
+
+
 def open_study(settings: Settings) -> optuna.Study:
     """Create the study, or load it after checking it measures the same thing."""
     storage = _storage(settings.resolved_storage())
@@ -142,7 +156,7 @@ def open_study(settings: Settings) -> optuna.Study:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     if name in optuna.study.get_all_study_names(storage):
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
-        stored = study.user_attrs.get("identity")
+        stored = _with_new_defaults(study.user_attrs.get("identity"))
         if stored != settings.study_identity() and not study.trials:
             # Nothing was measured yet (e.g. the first run failed to load its model): adopt the new settings.
             _stamp(study, settings)

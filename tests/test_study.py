@@ -261,3 +261,20 @@ def test_hook_mode_study_runs_and_rejects_row_normalisation(tiny_llama, tmp_path
     assert main(["--config", str(config), "--row-normalization", "full"]) == 2
     err = capsys.readouterr().err
     assert "edit_mode = 'hooks' needs row_normalization = 'none'" in err and err.count("\n") == 1
+
+
+def test_study_from_an_older_version_resumes_when_new_keys_keep_defaults(tiny_llama, tmp_path):
+    from heretic_like.study import open_study
+
+    config = study_config(tmp_path, tiny_llama)
+    assert main(["--config", str(config), "--n-trials", "1"]) == 0
+    study = load_existing_study(str(_journal(tmp_path)), None)
+    old = dict(study.user_attrs["identity"])
+    for key in ("row_normalization", "directions_per_layer", "capability_prompts"):  # keys added later
+        old.pop(key)
+    old["search"] = {k: v for k, v in old["search"].items() if k != "entangled_strength"}
+    study.set_user_attr("identity", old)
+    settings = load_settings(str(config))
+    assert open_study(settings).study_name == study.study_name  # defaults: same study
+    with pytest.raises(Exception, match="row_normalization"):
+        open_study(load_settings(str(config), {"row_normalization": "pre"}))
