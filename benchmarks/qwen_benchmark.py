@@ -30,8 +30,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from heretic_like import evaluation  # noqa: E402
 from heretic_like.config import load_settings  # noqa: E402
-from heretic_like.evaluation import generate_batches, is_refusal  # noqa: E402
+from heretic_like.evaluation import generate_batches  # noqa: E402
 from heretic_like.model import chat_texts  # noqa: E402
 from heretic_like.study import choose_best, pareto_front, run_study, trial_edit  # noqa: E402
 from heretic_like.testbed import fetch_qwen  # noqa: E402
@@ -68,11 +69,9 @@ def overrefusal_prompts(cache: Path) -> list[str]:
 def count_refusals(run, prompts: list[str], length: int, system_prompt: str | None) -> tuple[int, float, int]:
     """(refusals, seconds, tokens) for the currently applied edit, stopping rows at markers."""
     texts = chat_texts(run.abliterator.loaded.tokenizer, prompts, system_prompt)
-    started, refusals, tokens = time.perf_counter(), 0, 0
-    for batch, count in generate_batches(run.abliterator.loaded, texts, length, run.evaluator.batch_size, None,
-                                         run.evaluator.markers, stop_rows=True):  # fmt: skip
-        refusals += sum(is_refusal(r, run.evaluator.markers) for r in batch)
-        tokens += count
+    started = time.perf_counter()
+    refusals, _, tokens = evaluation.count_refusals(run.abliterator.loaded, texts, length, run.evaluator.batch_size,
+                                                    run.evaluator.markers)  # fmt: skip
     return refusals, time.perf_counter() - started, tokens
 
 

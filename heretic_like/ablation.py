@@ -25,7 +25,7 @@ from torch import nn
 
 from .directions import RefusalGeometry, biproject, interpolate_direction, orthonormalize
 from .kernel import Kernel
-from .model import COMPONENT_PATHS, LoadedModel
+from .model import LoadedModel
 
 # ----------------------------------------------------------------------------- pure maths
 
@@ -166,8 +166,11 @@ class EditStats:
 
     approximation_error: float = 0.0  # max over modules of ||delta - lora|| / ||delta|| (Frobenius)
     row_norm_error: float = 0.0  # max relative deviation of a row norm from the original's
-    modules_edited: int = 0
-    modules: dict[str, int] = field(default_factory=dict)
+    modules: dict[str, int] = field(default_factory=dict)  # edited modules per component
+
+    @property
+    def modules_edited(self) -> int:
+        return sum(self.modules.values())
 
 
 class Abliterator:
@@ -181,9 +184,8 @@ class Abliterator:
         self.options = options or EditOptions()
         if self.options.mode == "hooks" and self.options.row_normalization != "none":
             raise ValueError("edit_mode = 'hooks' projects module outputs: it needs row_normalization = 'none'")
-        layers = loaded.model.get_submodule(loaded.layers_path)
-        k = geometry.directions_per_layer
-        self.rank = self.options.full_normalization_lora_rank if self.options.row_normalization == "full" else k
+        full = self.options.row_normalization == "full"
+        self.rank = self.options.full_normalization_lora_rank if full else geometry.directions_per_layer
         self.peft_model = None
         self.hooks = None
         if self.options.mode == "hooks":
@@ -197,9 +199,7 @@ class Abliterator:
                                 target_modules=loaded.target_names(self.components))  # fmt: skip
             self.peft_model = get_peft_model(loaded.model, config)
             self.peft_model.eval()
-        self.modules: dict[str, list[nn.Module]] = {
-            c: [layer.get_submodule(COMPONENT_PATHS[c]) for layer in layers] for c in self.components
-        }
+        self.modules: dict[str, list[nn.Module]] = loaded.target_modules(self.components)  # LoRA-wrapped if lora
         self.current: Edit | None = None
         self.stats = EditStats()
         self.reset()
@@ -241,19 +241,20 @@ class Abliterator:
                 if entry is None:
                     continue
                 basis, strengths = entry
-                stats.modules_edited += 1
                 if self.hooks is not None:
                     self.hooks.set(module, basis, strengths)
                     continue
                 weight = self.base_weight(module)
                 if self.options.row_normalization == "full":
-                    delta = edited_weight(weight, basis, strengths, "full") - weight.float()
+                    w = weight.float()
+                    delta = edited_weight(w, basis, strengths, "full") - w
                     a, b = low_rank_factors(delta, self.rank)
-                    residual = delta - b @ a
+                    approx_delta = b @ a
                     scale = delta.norm().clamp_min(1e-12)
-                    stats.approximation_error = max(stats.approximation_error, float(residual.norm() / scale))
-                    original = weight.float().norm(dim=1)
-                    approx = (weight.float() + b @ a).norm(dim=1)
+                    error = float((delta - approx_delta).norm() / scale)
+                    stats.approximation_error = max(stats.approximation_error, error)
+                    original = w.norm(dim=1)
+                    approx = (w + approx_delta).norm(dim=1)
                     deviation = ((approx - original).abs() / original.clamp_min(1e-12)).max()
                     stats.row_norm_error = max(stats.row_norm_error, float(deviation))
                 else:
@@ -278,12 +279,11 @@ class Abliterator:
             return self.peft_model.merge_and_unload()
         else:
             model = self.peft_model.unload()
-        layers = model.get_submodule(self.loaded.layers_path)
+        modules = self.loaded.target_modules(list(plan))  # plain modules again: hooks and LoRA are gone
         for component, entries in plan.items():
-            for layer, entry in zip(layers, entries, strict=True):
+            for module, entry in zip(modules[component], entries, strict=True):
                 if entry is None:
                     continue
-                module = layer.get_submodule(COMPONENT_PATHS[component])
                 exact = edited_weight(module.weight, *entry, self.options.row_normalization)
                 module.weight.copy_(exact.to(module.weight.dtype))
         return model

@@ -144,6 +144,19 @@ def generate(loaded: LoadedModel, texts: list[str], max_new_tokens: int, batch_s
     return [r for batch, _ in generate_batches(loaded, texts, max_new_tokens, batch_size, desc) for r in batch]
 
 
+def count_refusals(loaded: LoadedModel, texts: list[str], max_new_tokens: int, batch_size: int, markers: list[str],
+                   desc: str | None = None) -> tuple[int, list[str], int]:  # fmt: skip
+    """(refusals, responses, tokens generated) for chat-formatted texts under the current edit.
+
+    Rows stop at their first marker, so long responses only cost the ones that keep complying."""
+    responses: list[str] = []
+    tokens = 0
+    for batch, count in generate_batches(loaded, texts, max_new_tokens, batch_size, desc, markers, stop_rows=True):
+        responses += batch
+        tokens += count
+    return sum(is_refusal(r, markers) for r in responses), responses, tokens
+
+
 def autotune_batch_size(loaded: LoadedModel, texts: list[str], max_batch_size: int) -> int:
     """Largest power-of-two batch (up to max) that still raises generation throughput by >10%."""
     best, best_rate, size = 1, 0.0, 1
@@ -228,13 +241,10 @@ class Evaluator:
         return Score(refusals, kl, responses, mid - started, time.perf_counter() - mid, pruned, tokens)
 
     def count_refusals(self, max_new_tokens: int, desc: str | None = None) -> tuple[int, list[str]]:
-        """Refusals of the current edit with responses of `max_new_tokens` (rows stop at their first
-        marker, so a longer check only costs the responses that keep complying)."""
-        responses: list[str] = []
-        for batch, _ in generate_batches(self.loaded, self.harmful, max_new_tokens, self.batch_size, desc,
-                                         self.markers, stop_rows=True):  # fmt: skip
-            responses += batch
-        return sum(is_refusal(r, self.markers) for r in responses), responses
+        """Refusals of the current edit on the harmful prompts with `max_new_tokens`-token responses."""
+        refusals, responses, _ = count_refusals(self.loaded, self.harmful, max_new_tokens, self.batch_size,
+                                                self.markers, desc)  # fmt: skip
+        return refusals, responses
 
     def refused_positions(self, score: Score) -> list[int]:
         """Original positions of the harmful prompts `score` counted as refused."""

@@ -36,8 +36,9 @@ def model_card(settings: Settings, study: optuna.Study, trial: optuna.trial.Froz
             rows.append((f"{component}.{key}", f"{value:.2f}"))
     params = "\n".join(f"| {k} | {v} |" for k, v in rows)
     long, length = "", settings.verify_response_length
-    if long_refusals(study, trial.number, length) is not None:
-        long = f"| refusals, {length}-token responses | {long_refusals(study, trial.number, length)}/{total} | — |\n"
+    long_count = long_refusals(study, trial.number, length)
+    if long_count is not None:
+        long = f"| refusals, {length}-token responses | {long_count}/{total} | — |\n"
     usage = ""
     if settings.export_strategy == "adapter":
         load = "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), THIS_FOLDER)"

@@ -37,6 +37,17 @@ def _completed(journal: Path) -> list[int]:
     return sorted(t.number for t in study.trials if t.state.name in ("COMPLETE", "PRUNED"))
 
 
+def _wait_for_trials(proc: subprocess.Popen, tmp_path: Path, count: int, action: str) -> None:
+    """Poll the study journal (up to 120 s) until `count` trials have finished in `proc`."""
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        journals = list((tmp_path / "checkpoints").glob("*.journal"))
+        if journals and len(_completed(journals[0])) >= count:
+            return
+        assert proc.poll() is None, f"study ended before it could be {action}"
+        time.sleep(0.2)
+
+
 def test_objectives_follow_the_reference_semantics():
     assert objectives(5, 0.5, 10, 1.0, 0.01) == (0.5, 0.5)
     assert objectives(5, 0.5, 10, 2.0, 0.01) == (0.25, 0.5)
@@ -134,14 +145,8 @@ def test_kill_nine_mid_study_then_resume(tiny_llama, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "heretic_like", "--config", str(config)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
     try:
-        while time.time() < deadline:
-            journals = list((tmp_path / "checkpoints").glob("*.journal"))
-            if journals and len(_completed(journals[0])) >= 2:
-                break
-            assert proc.poll() is None, "study ended before it could be killed"
-            time.sleep(0.2)
+        _wait_for_trials(proc, tmp_path, 2, "killed")
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -198,13 +203,7 @@ def test_ctrl_c_mid_study_exits_cleanly_then_resumes(tiny_llama, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "heretic_like", "--config", str(config)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        journals = list((tmp_path / "checkpoints").glob("*.journal"))
-        if journals and len(_completed(journals[0])) >= 1:
-            break
-        assert proc.poll() is None, "study ended before it could be interrupted"
-        time.sleep(0.2)
+    _wait_for_trials(proc, tmp_path, 1, "interrupted")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
