@@ -71,7 +71,7 @@ def count_refusals(run, prompts: list[str], length: int, system_prompt: str | No
     texts = chat_texts(run.abliterator.loaded.tokenizer, prompts, system_prompt)
     started = time.perf_counter()
     refusals, _, tokens = evaluation.count_refusals(run.abliterator.loaded, texts, length, run.evaluator.batch_size,
-                                                    run.evaluator.markers)  # fmt: skip
+                                                    run.evaluator.detector)  # fmt: skip
     return refusals, time.perf_counter() - started, tokens
 
 

@@ -107,6 +107,10 @@ class Settings(_Strict):
     cache_dir: str = "~/.cache/heretic_like"
     chat_template: str | None = None
     system_prompt: str | None = "You are a helpful assistant."
+    response_prefix: str = "auto"
+    thinking_tags: list[tuple[str, str]] = Field(default_factory=lambda: [
+        ("<think>", "</think>"), ("<thinking>", "</thinking>"), ("<reasoning>", "</reasoning>"),
+        ("[THINK]", "[/THINK]")])  # fmt: skip
     # --- throughput ---
     batch_size: int = Field(0, ge=0)
     max_batch_size: int = Field(64, ge=1)
@@ -157,6 +161,13 @@ class Settings(_Strict):
             raise ValueError(f"edit_mode = 'hooks' needs row_normalization = 'none' (got '{self.row_normalization}')")
         return self
 
+    @field_validator("thinking_tags")
+    @classmethod
+    def _tags(cls, tags: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        if any(not opener.strip() or not closer.strip() for opener, closer in tags):
+            raise ValueError("each pair needs a non-empty opener and closer")
+        return tags
+
     @field_validator("refusal_markers")
     @classmethod
     def _markers(cls, markers: list[str]) -> list[str]:
@@ -166,7 +177,7 @@ class Settings(_Strict):
 
     # Keys that define what a study measures: resuming with any of them changed is refused.
     STUDY_KEYS: ClassVar[tuple[str, ...]] = (
-        "model", "gguf_file", "quantization", "chat_template", "system_prompt",
+        "model", "gguf_file", "quantization", "chat_template", "system_prompt", "response_prefix", "thinking_tags",
         "max_response_length", "kl_divergence_scale", "kl_divergence_target", "refusal_markers",
         "orthogonalize_direction", "winsorization_quantile", "row_normalization",
         "full_normalization_lora_rank", "biproject_direction", "directions_per_layer", "direction_candidates",

@@ -18,10 +18,12 @@ from .model import LoadedModel, chat_texts, encode
 
 @torch.inference_mode()
 def collect_residuals(
-    loaded: LoadedModel, prompts: list[str], system_prompt: str | None, batch_size: int, desc: str = "residuals"
+    loaded: LoadedModel, prompts: list[str], system_prompt: str | None, batch_size: int, desc: str = "residuals",
+    response_prefix: str = "",
 ) -> torch.Tensor:
-    """(n_prompts, n_layers, d_model) fp32 residuals at the last prompt token, on the CPU."""
-    texts = chat_texts(loaded.tokenizer, prompts, system_prompt)
+    """(n_prompts, n_layers, d_model) fp32 residuals at the last prompt token (that is, after the
+    response prefix, where the answer begins), on the CPU."""
+    texts = chat_texts(loaded.tokenizer, prompts, system_prompt, response_prefix)
     out = []
     for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", leave=False):
         batch = encode(loaded.tokenizer, texts[start : start + batch_size], loaded.device)

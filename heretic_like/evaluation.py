@@ -4,9 +4,10 @@ KL divergence from the unedited model on harmless prompts."""
 from __future__ import annotations
 
 import copy
+import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -25,9 +26,67 @@ def normalize_text(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def is_refusal(response: str, markers: list[str]) -> bool:
-    text = normalize_text(response)
+def strip_thinking(text: str, tags: Sequence[tuple[str, str]] = ()) -> str:
+    """The answer part of a response: thinking blocks removed. An opened, unclosed block means
+    the answer has not begun, so everything from its opener on is dropped; a closer with no
+    opener (the chat template opened the block) drops everything before it."""
+    for opener, closer in tags:
+        head = text.find(closer)
+        if head >= 0 and opener not in text[:head]:
+            text = text[head + len(closer) :]
+        while opener in text:
+            start = text.index(opener)
+            end = text.find(closer, start + len(opener))
+            text = text[:start] if end < 0 else text[:start] + text[end + len(closer) :]
+    return text
+
+
+def is_refusal(response: str, markers: list[str], prefix: str = "", tags: Sequence[tuple[str, str]] = ()) -> bool:
+    """Does the answer contain a marker? `prefix` is the response prefix the prompt ended with (it
+    is part of the answer's text); thinking blocks delimited by `tags` are not the answer."""
+    text = normalize_text(strip_thinking(prefix + response, tags))
     return any(normalize_text(marker) in text for marker in markers)
+
+
+@dataclass(frozen=True)
+class MarkerDetector:
+    """Refusal = a marker substring in the answer (after the response prefix, outside thinking)."""
+
+    markers: tuple[str, ...]
+    prefix: str = ""
+    tags: tuple[tuple[str, str], ...] = ()
+
+    def __call__(self, response: str) -> bool:
+        return is_refusal(response, list(self.markers), self.prefix, self.tags)
+
+
+def marker_detector(markers: list[str] | MarkerDetector) -> MarkerDetector:
+    return markers if isinstance(markers, MarkerDetector) else MarkerDetector(tuple(markers))
+
+
+def detect_response_prefix(responses: list[str], tags: Sequence[tuple[str, str]] = (), prompt: str = "") -> str:
+    """The thinking block every response opens with, as a prefix to put after the generation
+    prompt so that KL and refusal checks look where answers begin ("" when there is none).
+
+    A block the responses close identically (an empty `<think>\n\n</think>\n\n`) is kept as it
+    is; one they leave open is closed empty, so the model answers straight away. Other common
+    text is not taken: an opening such as "I'm " shared by a few responses is content, not format.
+    A chat template that itself opens the block (the `prompt` ends with an opener) gets it closed.
+    """
+    for opener, closer in tags:
+        if prompt.rstrip().endswith(opener):
+            return f"\n\n{closer}\n\n"
+    common = os.path.commonprefix(responses) if len(responses) > 1 else ""
+    body = common.lstrip()
+    lead = common[: len(common) - len(body)]
+    for opener, closer in tags:
+        if body.startswith(opener):
+            end = body.find(closer)
+            if end < 0:
+                return f"{lead}{opener}\n\n{closer}\n\n"
+            rest = body[end + len(closer) :]
+            return lead + body[: end + len(closer)] + rest[: len(rest) - len(rest.lstrip())]
+    return ""
 
 
 def kl_divergence(base_logprobs: torch.Tensor, edited_logprobs: torch.Tensor) -> float:
@@ -97,13 +156,13 @@ class StopAtMarker(StoppingCriteria):
     then dominated, and the rest of its text would not change anything.
     """
 
-    def __init__(self, tokenizer, prompt_length: int, markers: list[str], stop_rows: bool, budget: int | None):
-        self.tokenizer, self.prompt_length, self.markers = tokenizer, prompt_length, markers
+    def __init__(self, tokenizer, prompt_length: int, detector: MarkerDetector, stop_rows: bool, budget: int | None):
+        self.tokenizer, self.prompt_length, self.detector = tokenizer, prompt_length, detector
         self.stop_rows, self.budget = stop_rows, budget
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
-        refused = torch.tensor([is_refusal(t, self.markers) for t in texts], device=input_ids.device)
+        refused = torch.tensor([self.detector(t) for t in texts], device=input_ids.device)
         if self.budget is not None and int(refused.sum()) >= self.budget:
             return torch.ones_like(refused)
         return refused if self.stop_rows else torch.zeros_like(refused)
@@ -112,10 +171,10 @@ class StopAtMarker(StoppingCriteria):
 @torch.inference_mode()
 def generate_batches(
     loaded: LoadedModel, texts: list[str], max_new_tokens: int, batch_size: int, desc: str | None = None,
-    markers: list[str] | None = None, stop_rows: bool = False, budget: Callable[[], int | None] | None = None,
+    detector: MarkerDetector | None = None, stop_rows: bool = False, budget: Callable[[], int | None] | None = None,
 ) -> Iterator[tuple[list[str], int]]:  # fmt: skip
     """Greedy responses (special tokens stripped) and the number of tokens generated, one batch at
-    a time so callers can stop early. With `markers`, rows may stop at their first marker
+    a time so callers can stop early. With a `detector`, rows may stop at their first marker
     (`stop_rows`) and a batch stops once `budget()` of its rows have refused (see StopAtMarker)."""
     tokenizer = loaded.tokenizer
     starts = range(0, len(texts), batch_size)
@@ -123,9 +182,9 @@ def generate_batches(
         batch = encode(tokenizer, texts[start : start + batch_size], loaded.device)
         prompt_length = batch["input_ids"].shape[1]
         limit = budget() if budget else None
-        watch = markers and (stop_rows or limit is not None)
+        watch = detector is not None and (stop_rows or limit is not None)
         stopping = StoppingCriteriaList(
-            [StopAtMarker(tokenizer, prompt_length, markers, stop_rows, limit)] if watch else []
+            [StopAtMarker(tokenizer, prompt_length, detector, stop_rows, limit)] if watch else []
         )
         output = loaded.model.generate(
             **batch, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
@@ -144,17 +203,19 @@ def generate(loaded: LoadedModel, texts: list[str], max_new_tokens: int, batch_s
     return [r for batch, _ in generate_batches(loaded, texts, max_new_tokens, batch_size, desc) for r in batch]
 
 
-def count_refusals(loaded: LoadedModel, texts: list[str], max_new_tokens: int, batch_size: int, markers: list[str],
-                   desc: str | None = None) -> tuple[int, list[str], int]:  # fmt: skip
+def count_refusals(loaded: LoadedModel, texts: list[str], max_new_tokens: int, batch_size: int,
+                   markers: list[str] | MarkerDetector, desc: str | None = None,
+                   ) -> tuple[int, list[str], int]:  # fmt: skip
     """(refusals, responses, tokens generated) for chat-formatted texts under the current edit.
 
     Rows stop at their first marker, so long responses only cost the ones that keep complying."""
+    detector = marker_detector(markers)
     responses: list[str] = []
     tokens = 0
-    for batch, count in generate_batches(loaded, texts, max_new_tokens, batch_size, desc, markers, stop_rows=True):
+    for batch, count in generate_batches(loaded, texts, max_new_tokens, batch_size, desc, detector, stop_rows=True):
         responses += batch
         tokens += count
-    return sum(is_refusal(r, markers) for r in responses), responses, tokens
+    return sum(map(detector, responses)), responses, tokens
 
 
 def autotune_batch_size(loaded: LoadedModel, texts: list[str], max_batch_size: int) -> int:
@@ -189,14 +250,14 @@ class Evaluator:
     """Holds the formatted evaluation prompts and the unedited model's reference numbers."""
 
     def __init__(self, loaded: LoadedModel, harmful: list[str], harmless: list[str], system_prompt: str | None,
-                 markers: list[str], max_response_length: int, batch_size: int,
-                 stop_at_marker: bool = True):  # fmt: skip
+                 markers: list[str] | MarkerDetector, max_response_length: int, batch_size: int,
+                 stop_at_marker: bool = True, response_prefix: str = ""):  # fmt: skip
         self.loaded = loaded
         self.harmful_prompts = harmful
-        self.harmful = chat_texts(loaded.tokenizer, harmful, system_prompt)
+        self.harmful = chat_texts(loaded.tokenizer, harmful, system_prompt, response_prefix)
         self.order = list(range(len(harmful)))  # harmful prompts' original positions, in scoring order
-        self.harmless = chat_texts(loaded.tokenizer, harmless, system_prompt)
-        self.markers = markers
+        self.harmless = chat_texts(loaded.tokenizer, harmless, system_prompt, response_prefix)
+        self.detector = marker_detector(markers)
         self.max_response_length = max_response_length
         self.batch_size = batch_size
         self.stop_at_marker = stop_at_marker
@@ -231,9 +292,9 @@ class Evaluator:
         if cap != 0:
             budget = (lambda: cap - refusals) if cap is not None else None
             for batch, count in generate_batches(self.loaded, self.harmful, self.max_response_length, self.batch_size,
-                                                 desc, self.markers, self.stop_at_marker, budget):  # fmt: skip
+                                                 desc, self.detector, self.stop_at_marker, budget):  # fmt: skip
                 responses += batch
-                refusals += sum(is_refusal(r, self.markers) for r in batch)
+                refusals += sum(map(self.detector, batch))
                 tokens += count
                 if cap is not None and refusals >= cap:
                     break
@@ -243,9 +304,9 @@ class Evaluator:
     def count_refusals(self, max_new_tokens: int, desc: str | None = None) -> tuple[int, list[str]]:
         """Refusals of the current edit on the harmful prompts with `max_new_tokens`-token responses."""
         refusals, responses, _ = count_refusals(self.loaded, self.harmful, max_new_tokens, self.batch_size,
-                                                self.markers, desc)  # fmt: skip
+                                                self.detector, desc)  # fmt: skip
         return refusals, responses
 
     def refused_positions(self, score: Score) -> list[int]:
         """Original positions of the harmful prompts `score` counted as refused."""
-        return [self.order[i] for i, r in enumerate(score.responses) if is_refusal(r, self.markers)]
+        return [self.order[i] for i, r in enumerate(score.responses) if self.detector(r)]

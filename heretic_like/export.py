@@ -18,7 +18,14 @@ from .ablation import Abliterator, Edit, EditOptions
 from .config import Settings
 from .errors import HereticError
 from .model import load_model, model_fingerprint
-from .study import cached_geometry, compute_geometry, load_all_prompts, long_refusals, trial_edit
+from .study import (
+    cached_geometry,
+    compute_geometry,
+    load_all_prompts,
+    long_refusals,
+    resolve_response_prefix,
+    trial_edit,
+)
 
 
 def model_card(settings: Settings, study: optuna.Study, trial: optuna.trial.FrozenTrial, edit: Edit) -> str:
@@ -145,8 +152,9 @@ def export_trial(study: optuna.Study, settings: Settings, number: int, out_dir: 
             raise HereticError(f"'{settings.model}' is not the model study '{study.study_name}' was run on")
         geometry = cached_geometry(settings, loaded.num_layers)
         if geometry is None:
-            batch = settings.batch_size or 8
-            geometry = compute_geometry(settings, loaded, load_all_prompts(settings), batch, verbose=False)
+            batch = study.user_attrs.get("batch_size") or settings.batch_size or 8
+            prefix = resolve_response_prefix(settings, study)
+            geometry = compute_geometry(settings, loaded, load_all_prompts(settings), batch, False, prefix)
         abliterator = Abliterator(loaded, list(edit.kernels), geometry, EditOptions.from_settings(settings))
     out = Path(out_dir) if out_dir else default_export_dir(settings, number)
     card = model_card(settings, study, trial, edit)

@@ -203,8 +203,9 @@ def load_model(settings: Settings) -> LoadedModel:
     return LoadedModel(model, tokenizer, layers_path, num_layers, source)
 
 
-def chat_texts(tokenizer, prompts: list[str], system_prompt: str | None) -> list[str]:
-    """Render prompts with the chat template, ready for the assistant's first token.
+def chat_texts(tokenizer, prompts: list[str], system_prompt: str | None, response_prefix: str = "") -> list[str]:
+    """Render prompts with the chat template, ready for the assistant's first token (after
+    `response_prefix`, e.g. an empty thinking block, when the model opens every answer with it).
 
     Templates that reject a system role (e.g. Gemma 2) get the system prompt prepended to the
     user message instead.
@@ -221,7 +222,7 @@ def chat_texts(tokenizer, prompts: list[str], system_prompt: str | None) -> list
                 raise
             merged = [{"role": "user", "content": f"{system_prompt}\n\n{prompt}"}]
             text = tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=True)
-        out.append(text)
+        out.append(text + response_prefix)
     return out
 
 

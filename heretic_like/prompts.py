@@ -6,6 +6,8 @@ same for every source. Built-in sets live in `heretic_like/data/NAME.txt`, one p
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from importlib import resources
 from pathlib import Path
@@ -62,3 +64,10 @@ def load_prompts(spec: PromptSpec, what: str) -> list[str]:
     if not prompts:
         raise HereticError(f"{what}: '{spec.dataset}' split '{spec.split}' holds no prompts")
     return prompts
+
+
+def prompts_fingerprint(prompts: list[str] | None) -> str | None:
+    """Identity of a prompt set's content (not its source): edited files or moved data show."""
+    if prompts is None:
+        return None
+    return hashlib.sha256(json.dumps(prompts, ensure_ascii=False).encode()).hexdigest()[:16]

@@ -171,13 +171,16 @@ def write_report(study: optuna.Study, settings: Settings, out_dir: str | Path, t
     if residuals:
         from .directions import collect_residuals
         from .model import load_model
-        from .study import load_all_prompts
+        from .study import load_all_prompts, resolve_response_prefix
 
         prompts = load_all_prompts(settings)
         loaded = load_model(settings)
         batch = settings.batch_size or 8
-        bad = collect_residuals(loaded, prompts["bad_prompts"], settings.system_prompt, batch, "harmful residuals")
-        good = collect_residuals(loaded, prompts["good_prompts"], settings.system_prompt, batch, "harmless residuals")
+        prefix = resolve_response_prefix(settings, study)
+        bad = collect_residuals(loaded, prompts["bad_prompts"], settings.system_prompt, batch, "harmful residuals",
+                                prefix)  # fmt: skip
+        good = collect_residuals(loaded, prompts["good_prompts"], settings.system_prompt, batch, "harmless residuals",
+                                 prefix)  # fmt: skip
         written.append(out / "residuals.png")
         plot_residuals(bad, good, written[-1], f"Residuals at the last prompt token: {settings.model}")
     return written

@@ -8,6 +8,7 @@ base refusal count, so a resume need not regenerate it. Directions are cached be
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -24,10 +25,10 @@ from .ablation import Abliterator, Edit, EditOptions
 from .config import SearchSpace, Settings, build_settings, merge_dicts
 from .directions import RefusalGeometry, collect_residuals, measure, winsorize
 from .errors import HereticError
-from .evaluation import Evaluator, autotune_batch_size
+from .evaluation import Evaluator, MarkerDetector, autotune_batch_size, detect_response_prefix, generate
 from .kernel import Kernel
 from .model import LoadedModel, chat_texts, load_model, model_fingerprint
-from .prompts import load_prompts
+from .prompts import load_prompts, prompts_fingerprint
 
 PROMPT_SETS = ("good_prompts", "bad_prompts", "good_evaluation_prompts", "bad_evaluation_prompts")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -179,7 +180,8 @@ def _stamp(study: optuna.Study, settings: Settings) -> None:
     study.set_user_attr("identity", settings.study_identity())
     study.set_user_attr("config", settings.model_dump(mode="json"))
     study.set_user_attr("heretic_like_version", __version__)
-    for key in ("model_fingerprint", "base_refusals", "base_refused_positions", "n_harmful_eval", "num_layers"):
+    for key in ("model_fingerprint", "base_refusals", "base_refused_positions", "n_harmful_eval", "num_layers",
+                "response_prefix", "batch_size", "prompt_fingerprints"):
         if study.user_attrs.get(key) is not None:
             study.set_user_attr(key, None)
 
@@ -236,24 +238,30 @@ def cached_geometry(settings: Settings, num_layers: int) -> RefusalGeometry | No
     return geometry if geometry.num_layers == num_layers else None
 
 
-def compute_geometry(settings: Settings, loaded: LoadedModel, prompts: dict[str, list[str]], batch_size: int,
-                     verbose: bool = True) -> RefusalGeometry:  # fmt: skip
+def measure_geometry(settings: Settings, loaded: LoadedModel, prompts: dict[str, list[str] | None], batch_size: int,
+                     response_prefix: str = "") -> RefusalGeometry:  # fmt: skip
+    """Directions and layer metrics from the prompt sets' residuals (no cache)."""
+    sets = {"harmful": "bad_prompts", "harmless": "good_prompts", "capability": "capability_prompts"}
+    residuals = {}
+    for kind, key in sets.items():
+        if prompts.get(key) is not None:
+            collected = collect_residuals(loaded, prompts[key], settings.system_prompt, batch_size,
+                                          f"{kind} residuals", response_prefix)  # fmt: skip
+            residuals[kind] = winsorize(collected, settings.winsorization_quantile)
+    return measure(residuals["harmful"], residuals["harmless"], residuals.get("capability"),
+                   settings.orthogonalize_direction, settings.directions_per_layer,
+                   settings.direction_candidates)  # fmt: skip
+
+
+def compute_geometry(settings: Settings, loaded: LoadedModel, prompts: dict[str, list[str] | None], batch_size: int,
+                     verbose: bool = True, response_prefix: str = "") -> RefusalGeometry:  # fmt: skip
     """Directions and layer metrics, cached beside the study (keyed by the config fingerprint).
 
     Also writes the per-layer metrics as `<study>.layers.csv` and a plot `<study>.layers.png`.
     """
     geometry = cached_geometry(settings, loaded.num_layers)
     if geometry is None:
-        sets = {"harmful": "bad_prompts", "harmless": "good_prompts", "capability": "capability_prompts"}
-        residuals = {}
-        for kind, key in sets.items():
-            if prompts.get(key) is not None:
-                collected = collect_residuals(loaded, prompts[key], settings.system_prompt, batch_size,
-                                              f"{kind} residuals")  # fmt: skip
-                residuals[kind] = winsorize(collected, settings.winsorization_quantile)
-        geometry = measure(residuals["harmful"], residuals["harmless"], residuals.get("capability"),
-                           settings.orthogonalize_direction, settings.directions_per_layer,
-                           settings.direction_candidates)  # fmt: skip
+        geometry = measure_geometry(settings, loaded, prompts, batch_size, response_prefix)
         path = directions_path(settings)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -335,6 +343,44 @@ def load_all_prompts(settings: Settings) -> dict[str, list[str] | None]:
     return prompts
 
 
+def resolve_response_prefix(settings: Settings, study: optuna.Study, loaded: LoadedModel | None = None,
+                            prompts: dict[str, list[str] | None] | None = None,
+                            batch_size: int = 8) -> str:  # fmt: skip
+    """The text put after the generation prompt. With "auto", detected once from the unedited
+    model's openings (4 harmful + 4 harmless evaluation prompts) and kept in the study."""
+    if settings.response_prefix != "auto":
+        return settings.response_prefix
+    stored = study.user_attrs.get("response_prefix")
+    if stored is not None or loaded is None or prompts is None:
+        return stored or ""
+    sample = prompts["bad_evaluation_prompts"][:4] + prompts["good_evaluation_prompts"][:4]
+    texts = chat_texts(loaded.tokenizer, sample, settings.system_prompt)
+    responses = generate(loaded, texts, 16, batch_size)
+    prefix = detect_response_prefix(responses, settings.thinking_tags, texts[0])
+    study.set_user_attr("response_prefix", prefix)
+    if prefix:
+        print(f"The model opens its answers with a thinking block: measuring after {prefix!r}")
+    elif os.path.commonprefix(responses).strip():
+        print(f"Note: every sampled answer starts with {os.path.commonprefix(responses)!r}; "
+              "set response_prefix to measure after it")  # fmt: skip
+    return prefix
+
+
+def check_prompt_fingerprints(study: optuna.Study, prompts: dict[str, list[str] | None]) -> dict[str, str | None]:
+    """Refuse to resume when a prompt set's content changed since the study began (same config,
+    but an edited file or a dataset that moved on); record the fingerprints on first use."""
+    current = {name: prompts_fingerprint(texts) for name, texts in prompts.items()}
+    stored = study.user_attrs.get("prompt_fingerprints")
+    if stored is None:
+        study.set_user_attr("prompt_fingerprints", current)
+        return current
+    changed = [name for name in current if stored.get(name) != current[name]]
+    if changed:
+        raise HereticError(f"study '{study.study_name}': the content of {', '.join(changed)} changed since the study "
+                           "began; restore the prompts or choose another study_name")  # fmt: skip
+    return current
+
+
 def prepare(settings: Settings, study: optuna.Study, prompts: dict[str, list[str]], timings: dict[str, float]):
     """Model, batch size, directions and evaluator: everything a trial needs (phases timed)."""
     started = time.perf_counter()
@@ -355,13 +401,17 @@ def prepare(settings: Settings, study: optuna.Study, prompts: dict[str, list[str
         sample = chat_texts(loaded.tokenizer, prompts["bad_evaluation_prompts"][:8], settings.system_prompt)
         batch_size = autotune_batch_size(loaded, sample, settings.max_batch_size)
         print(f"Batch size: {batch_size} (auto)")
+    if study.user_attrs.get("batch_size") is None:  # directions depend (in the last bits) on the batching
+        study.set_user_attr("batch_size", batch_size)
+    prefix = resolve_response_prefix(settings, study, loaded, prompts, batch_size)
     started = time.perf_counter()
-    geometry = compute_geometry(settings, loaded, prompts, batch_size)
+    geometry = compute_geometry(settings, loaded, prompts, batch_size, response_prefix=prefix)
     timings["directions"] = time.perf_counter() - started
     started = time.perf_counter()
+    detector = MarkerDetector(tuple(settings.refusal_markers), prefix, tuple(map(tuple, settings.thinking_tags)))
     evaluator = Evaluator(loaded, prompts["bad_evaluation_prompts"], prompts["good_evaluation_prompts"],
-                          settings.system_prompt, settings.refusal_markers, settings.max_response_length,
-                          batch_size, settings.stop_at_marker)  # fmt: skip
+                          settings.system_prompt, detector, settings.max_response_length,
+                          batch_size, settings.stop_at_marker, prefix)  # fmt: skip
     timings["base_logprobs"] = time.perf_counter() - started
     return loaded, geometry, evaluator
 
@@ -393,6 +443,7 @@ class StudyRun:
 def run_study(settings: Settings) -> StudyRun:
     prompts = load_all_prompts(settings)  # bad prompt files fail before the slow model load
     study = open_study(settings)
+    check_prompt_fingerprints(study, prompts)
     stale = fail_stale_trials(study)
     done = len(study.get_trials(deepcopy=False, states=FINISHED))
     if done:

@@ -66,14 +66,15 @@ def build_model(path: Path, arch: str = "llama", layers: int = 4, seed: int = 0,
     return model, tokenizer
 
 
-def train_refusal(model, tokenizer, steps: int = 150) -> None:
-    """Teach the tiny model: harmful -> REFUSAL, harmless -> COMPLIANCE (responses only in the loss)."""
+def train_refusal(model, tokenizer, steps: int = 150, opening: str = "") -> None:
+    """Teach the tiny model: harmful -> REFUSAL, harmless -> COMPLIANCE (responses only in the loss),
+    each answer after `opening` (e.g. an empty thinking block, as reasoning models write)."""
     from heretic_like.model import chat_texts
 
     harmful = builtin_path("harmful").read_text().splitlines()[:150]
     harmless = builtin_path("harmless").read_text().splitlines()[:150]
     prompts = harmful + harmless
-    answers = [REFUSAL] * len(harmful) + [COMPLIANCE] * len(harmless)
+    answers = [opening + REFUSAL] * len(harmful) + [opening + COMPLIANCE] * len(harmless)
     texts = chat_texts(tokenizer, prompts, "You are a helpful assistant.")
     rows = []
     for text, answer in zip(texts, answers, strict=True):
@@ -121,6 +122,19 @@ def refusing_model(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("refusing-llama")
     model, tokenizer = build_model(path, "llama")
     train_refusal(model, tokenizer)
+    model.save_pretrained(path)
+    return path
+
+
+THINKING = "<think>\n\n</think>\n\n"
+
+
+@pytest.fixture(scope="session")
+def thinking_model(tmp_path_factory) -> Path:
+    """Like `refusing_model`, but every answer opens with an empty thinking block."""
+    path = tmp_path_factory.mktemp("thinking-llama")
+    model, tokenizer = build_model(path, "llama")
+    train_refusal(model, tokenizer, opening=THINKING)
     model.save_pretrained(path)
     return path
 

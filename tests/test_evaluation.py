@@ -2,7 +2,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from heretic_like.evaluation import Evaluator, first_token_logprobs, is_refusal, kl_divergence, normalize_text
+from heretic_like.evaluation import (
+    Evaluator,
+    detect_response_prefix,
+    first_token_logprobs,
+    is_refusal,
+    kl_divergence,
+    normalize_text,
+    strip_thinking,
+)
 from heretic_like.model import chat_texts, load_model
 from tests.test_model import settings_for
 
@@ -96,3 +104,37 @@ def test_shared_prefix_reuse_matches_plain_forward(tiny_qwen2, tmp_path):
         plain = torch.cat([F.log_softmax(loaded.model(**encode(loaded.tokenizer, [t], "cpu")).logits[:, -1].float(), -1)
                            for t in texts])  # fmt: skip
     assert torch.allclose(fast, plain, atol=1e-4)
+
+
+TAGS = [("<think>", "</think>"), ("[THINK]", "[/THINK]")]
+
+
+@pytest.mark.parametrize("response, answer", [
+    ("<think>I'm sorry? no, fine</think>\n\nSure, here.", "\n\nSure, here."),
+    ("<think>still thinking, sorry", ""),  # the answer has not begun
+    ("I am thinking, sorry</think>Sure.", "Sure."),  # the chat template opened the block
+    ("[THINK]a[/THINK]b<think>c</think>d", "bd"),
+    ("No tags at all", "No tags at all"),
+])  # fmt: skip
+def test_strip_thinking_keeps_only_the_answer(response, answer):
+    assert strip_thinking(response, TAGS) == answer
+
+
+def test_markers_inside_thinking_do_not_count_and_the_prefix_does():
+    assert not is_refusal("<think>Sorry, tricky.</think>Sure, here it is.", MARKERS, tags=TAGS)
+    assert is_refusal("<think>Fine.</think>Sorry, no.", MARKERS, tags=TAGS)
+    # The prefix is the start of the answer: "I can" + "'t help" is a refusal.
+    assert is_refusal("'t help with that", MARKERS, prefix="I can")
+    assert not is_refusal("'t help with that", MARKERS)
+
+
+@pytest.mark.parametrize("responses, prompt, prefix", [
+    (["<think>\n\n</think>\n\nSure", "<think>\n\n</think>\n\nSorry"], "", "<think>\n\n</think>\n\n"),
+    (["<think>\nThe user wants", "<think>\nThe user asks"], "", "<think>\n\n</think>\n\n"),  # left open: closed
+    (["\n[THINK]x[/THINK] A", "\n[THINK]x[/THINK] B"], "", "\n[THINK]x[/THINK] "),
+    (["Okay, so", "Okay, then"], "<|assistant|><think>\n", "\n\n</think>\n\n"),  # template opened it
+    (["I'm sorry", "I'm happy to"], "", ""),  # common words are content, not format
+    (["<think>\n\n</think>\n\nSure"], "", ""),  # one response shows no common format
+])  # fmt: skip
+def test_detect_response_prefix(responses, prompt, prefix):
+    assert detect_response_prefix(responses, TAGS, prompt) == prefix

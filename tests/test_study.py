@@ -21,7 +21,7 @@ from heretic_like.study import (
     run_study,
     trial_edit,
 )
-from tests.conftest import study_config
+from tests.conftest import THINKING, study_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -279,3 +279,21 @@ def test_study_from_an_older_version_resumes_when_new_keys_keep_defaults(tiny_ll
     assert open_study(settings).study_name == study.study_name  # defaults: same study
     with pytest.raises(Exception, match="row_normalization"):
         open_study(load_settings(str(config), {"row_normalization": "pre"}))
+
+
+def test_reasoning_model_is_measured_after_its_thinking_block(thinking_model, tmp_path):
+    config = study_config(tmp_path, thinking_model, n_trials=1, n_startup_trials=1)
+    config.write_text(config.read_text().replace('split = "train[150:174]"', 'split = "train[:24]"'))
+    run = run_study(load_settings(str(config)))
+    assert run.study.user_attrs["response_prefix"] == THINKING  # detected from the model's own openings
+    assert all(text.endswith(THINKING) for text in run.evaluator.harmful + run.evaluator.harmless)
+    # Answers begin right after the prefix: the trained refusals show within the 12-token responses.
+    assert run.study.user_attrs["base_refusals"] >= 12
+    (tmp_path / "explicit").mkdir()
+    explicit = study_config(tmp_path / "explicit", thinking_model, n_trials=1, n_startup_trials=1,
+                            response_prefix='""')  # fmt: skip
+    explicit.write_text(explicit.read_text().replace('split = "train[150:174]"', 'split = "train[:24]"'))
+    run = run_study(load_settings(str(explicit)))
+    assert run.study.user_attrs.get("response_prefix") is None and not run.evaluator.harmful[0].endswith(THINKING)
+    # Without it, 12 tokens hold only the (~15-token) thinking block: no answer, no refusal seen.
+    assert run.study.user_attrs["base_refusals"] == 0
