@@ -297,3 +297,19 @@ def test_reasoning_model_is_measured_after_its_thinking_block(thinking_model, tm
     assert run.study.user_attrs.get("response_prefix") is None and not run.evaluator.harmful[0].endswith(THINKING)
     # Without it, 12 tokens hold only the (~15-token) thinking block: no answer, no refusal seen.
     assert run.study.user_attrs["base_refusals"] == 0
+
+
+def test_resume_with_edited_prompt_content_is_refused(tiny_llama, tmp_path):
+    from heretic_like.errors import HereticError
+    from heretic_like.prompts import builtin_path
+
+    prompts = tmp_path / "harmful.txt"
+    prompts.write_text("\n".join(builtin_path("harmful").read_text().splitlines()[:40]) + "\n")
+    config = study_config(tmp_path, tiny_llama, n_trials=1, n_startup_trials=1)
+    text = config.read_text().replace('dataset = "builtin:harmful"\nsplit = "train[:150]"',
+                                      f'dataset = "{prompts}"\nsplit = "train"')  # fmt: skip
+    config.write_text(text)
+    run_study(load_settings(str(config)))
+    prompts.write_text(prompts.read_text().replace("\n", " please\n", 1))  # same file name, same config
+    with pytest.raises(HereticError, match="content of bad_prompts changed"):
+        run_study(load_settings(str(config)))
