@@ -1,4 +1,4 @@
-"""`python -m heretic_like [run|export|report|reproduce|testbed] ...`: thin layer over the library.
+"""`python -m heretic_like [run|export|report|evaluate|reproduce|testbed] ...`: thin layer over the library.
 
 Any config key can be overridden on the command line: `--n-trials 5`, `--model DIR`,
 `--search.max-weight.high 2.0`. Values are read as TOML literals when they parse, else as text.
@@ -12,7 +12,7 @@ import sys
 
 from .errors import HereticError
 
-COMMANDS = ("run", "export", "report", "reproduce", "testbed")
+COMMANDS = ("run", "export", "report", "evaluate", "reproduce", "testbed")
 
 
 def _split_overrides(rest: list[str], parser: argparse.ArgumentParser) -> list[tuple[str, str]]:
@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m heretic_like",
         description="Remove refusals from a language model by abliteration, tuned with Optuna.",
-        epilog="Commands: run (default), export, report, reproduce, testbed. "
+        epilog="Commands: run (default), export, report, evaluate, reproduce, testbed. "
         "Any config key may be given as --key value.",
     )
     sub = parser.add_subparsers(dest="command")
@@ -53,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--trial", type=int, help="trial to detail (default: the export rule's pick)")
     report.add_argument("--out", help="output folder (default: <checkpoints>/<study>-report)")
     report.add_argument("--residuals", action="store_true", help="also plot residuals per layer (loads the model)")
+    evaluate = sub.add_parser("evaluate", help="capability checks, base (--model) vs edited (--compare)")
+    evaluate.add_argument("--compare", required=True, help="edited model: folder, hub id, or peft adapter folder")
+    evaluate.add_argument("--out", help="where the table goes (default: the --compare folder)")
+    evaluate.add_argument("--config", help="TOML config (system prompt, markers, lm_eval_tasks, ...)")
     reproduce = sub.add_parser("reproduce", help="rebuild an exported trial from its reproduce.json, check the hashes")
     reproduce.add_argument("record", help="reproduce.json (export folder, or <checkpoints>/<study>.reproduce.json)")
     reproduce.add_argument("--out", help="output folder (default: beside the record, <study>-trial<N>-reproduced)")
@@ -84,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
             out = args.out or f"{settings.study_checkpoint_dir}/{study.study_name}-report"
             for path in write_report(study, settings, out, args.trial, args.residuals):
                 print(path)
+        elif args.command == "evaluate":
+            from .capability import evaluate_models
+
+            evaluate_models(load_settings(args.config, overrides), args.compare, args.out)
         elif args.command == "reproduce":
             from .reproduce import reproduce
 
@@ -101,11 +109,19 @@ def main(argv: list[str] | None = None) -> int:
             from .study import pick_trial, run_study, verify_long_responses
 
             settings = load_settings(args.config, overrides)
+            if settings.evaluate_capabilities:
+                from .capability import require_lm_eval
+
+                require_lm_eval(settings)
             run = run_study(settings)
             interactive = sys.stdin.isatty() and not os.environ.get("CI")
             number = pick_trial(settings, run.table, interactive)
             if number is not None:
                 verify_long_responses(run, settings, number)
+                if settings.evaluate_capabilities:
+                    from .capability import evaluate_trial
+
+                    evaluate_trial(run, settings, number)
                 export_trial(run.study, settings, number, None, run.abliterator)
             elif not run.table.empty:  # nothing exported: still record how to rebuild the best trial
                 from .reproduce import build_record, write_record

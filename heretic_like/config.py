@@ -148,6 +148,11 @@ class Settings(_Strict):
     export_kl_limit: float = Field(0.1, ge=0)
     export_strategy: Literal["merged", "adapter"] = "merged"
     max_shard_size: str = Field("5GB", pattern=r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
+    # --- capability evaluation (after the study, on the chosen trial; and `evaluate`) ---
+    evaluate_capabilities: bool = True
+    overrefusal_prompts: PromptSpec | None = Field(default_factory=lambda: PromptSpec(dataset="builtin:edgy"))
+    lm_eval_tasks: list[str] = Field(default_factory=list)
+    lm_eval_limit: int | None = Field(None, ge=1)
     # --- prompts ---
     good_prompts: PromptSpec
     bad_prompts: PromptSpec

@@ -49,6 +49,12 @@ def model_card(settings: Settings, study: optuna.Study, trial: optuna.trial.Froz
     long_count = long_refusals(study, trial.number, length)
     if long_count is not None:
         long = f"| refusals, {length}-token responses | {long_count}/{total} | — |\n"
+    capability = ""
+    stored = study.user_attrs.get("capability", {})
+    if "base" in stored and str(trial.number) in stored:
+        from .capability import card_section, comparison
+
+        capability = "\n" + card_section(comparison(stored["base"], stored[str(trial.number)]))
     usage = ""
     if settings.export_strategy == "adapter":
         load = "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), THIS_FOLDER)"
@@ -80,7 +86,7 @@ keeps its original norm), with the per-layer strength w given by the kernel belo
 {long}
 Refusals are counted by marker strings in greedy responses of {settings.max_response_length} tokens.
 Removing refusals does not make a model's answers correct or safe; use responsibly.
-{usage}"""
+{capability}{usage}"""
 
 
 def _write_atomically(out_dir: str | Path, write) -> Path:
