@@ -18,6 +18,7 @@ swaps the factors for each trial without reloading anything.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -25,7 +26,7 @@ from torch import nn
 
 from .directions import RefusalGeometry, biproject, interpolate_direction, orthonormalize
 from .kernel import Kernel
-from .model import LoadedModel
+from .model import LoadedModel, Target
 
 # ----------------------------------------------------------------------------- pure maths
 
@@ -174,7 +175,12 @@ class EditStats:
 
 
 class Abliterator:
-    """Holds the wrapped model and swaps each trial's edit in and out."""
+    """Holds the wrapped model and swaps each trial's edit in and out.
+
+    Linear targets get a peft LoRA (or forward hooks in "hooks" mode). Fused MoE expert weights,
+    (experts, out, in) tensors no LoRA wraps, are edited in place, exactly, from an original kept
+    on the CPU: every expert is edited, none skipped.
+    """
 
     def __init__(self, loaded: LoadedModel, components: list[str], geometry: RefusalGeometry,
                  options: EditOptions | None = None):  # fmt: skip
@@ -184,6 +190,8 @@ class Abliterator:
         self.options = options or EditOptions()
         if self.options.mode == "hooks" and self.options.row_normalization != "none":
             raise ValueError("edit_mode = 'hooks' projects module outputs: it needs row_normalization = 'none'")
+        for warning in loaded.target_warnings(self.components):
+            print(f"WARNING: {warning}", file=sys.stderr)
         full = self.options.row_normalization == "full"
         self.rank = self.options.full_normalization_lora_rank if full else geometry.directions_per_layer
         self.peft_model = None
@@ -192,20 +200,23 @@ class Abliterator:
             from .hooks import ProjectionHooks
 
             self.hooks = ProjectionHooks()
-        else:
+        elif loaded.target_names(self.components):
             from peft import LoraConfig, get_peft_model
 
             config = LoraConfig(r=self.rank, lora_alpha=self.rank, lora_dropout=0.0, bias="none",
                                 target_modules=loaded.target_names(self.components))  # fmt: skip
             self.peft_model = get_peft_model(loaded.model, config)
             self.peft_model.eval()
-        self.modules: dict[str, list[nn.Module]] = loaded.target_modules(self.components)  # LoRA-wrapped if lora
+        self.targets = loaded.targets(self.components)  # LoRA-wrapped modules, if any
+        self.originals = {t.name: t.weight.detach().to("cpu", copy=True) for t in self.targets if t.fused}
         self.current: Edit | None = None
         self.stats = EditStats()
         self.reset()
 
-    def base_weight(self, module: nn.Module) -> torch.Tensor:
-        return module.base_layer.weight if self.peft_model is not None else module.weight
+    @property
+    def modules(self) -> dict[str, list[nn.Module]]:
+        """component -> its Linear targets (as wrapped), in layer order."""
+        return {c: [t.module for t in self.targets if t.component == c and not t.fused] for c in self.components}
 
     @torch.no_grad()
     def reset(self) -> None:
@@ -213,56 +224,73 @@ class Abliterator:
         self.current = None
         if self.hooks is not None:
             self.hooks.clear()
-            return
-        for modules in self.modules.values():
-            for module in modules:
-                module.lora_B["default"].weight.zero_()
+        for target in self.targets:
+            if target.fused:
+                target.weight.copy_(self.originals[target.name])
+            elif self.hooks is None:
+                target.module.lora_B["default"].weight.zero_()
 
     def plan(self, edit: Edit) -> dict[str, list[tuple[torch.Tensor, torch.Tensor] | None]]:
         """Per component and layer: (basis, strengths) to apply, or None where the kernel is 0."""
         bases = edit.layer_bases(self.geometry, self.options)
+        n = self.geometry.num_layers
         out: dict[str, list[tuple[torch.Tensor, torch.Tensor] | None]] = {}
-        for component, modules in self.modules.items():
+        for component in self.components:
             kernel = edit.kernels.get(component)
-            weights = kernel.weights(len(modules)) if kernel else torch.zeros(len(modules), dtype=torch.float64)
+            weights = kernel.weights(n) if kernel else torch.zeros(n, dtype=torch.float64)
             out[component] = [
                 (basis, float(w) * mult) if float(w) != 0.0 else None
                 for (basis, mult), w in zip(bases, weights, strict=True)
             ]
         return out
 
+    def _edit_fused(self, target: Target, basis: torch.Tensor, strengths: torch.Tensor) -> None:
+        """Every expert's weight, edited exactly in place (from the CPU original)."""
+        weight = target.weight
+        for e, original in enumerate(self.originals[target.name]):
+            w = original.to(weight.device).float()
+            w = w.T if target.transposed else w
+            new = edited_weight(w, basis, strengths, self.options.row_normalization)
+            weight[e].copy_((new.T if target.transposed else new).to(weight.dtype))
+
     @torch.no_grad()
     def apply(self, edit: Edit) -> EditStats:
         self.reset()
         stats = EditStats()
-        for component, entries in self.plan(edit).items():
-            stats.modules[component] = sum(e is not None for e in entries)
-            for module, entry in zip(self.modules[component], entries, strict=True):
-                if entry is None:
-                    continue
-                basis, strengths = entry
-                if self.hooks is not None:
-                    self.hooks.set(module, basis, strengths)
-                    continue
-                weight = self.base_weight(module)
-                if self.options.row_normalization == "full":
-                    w = weight.float()
-                    delta = edited_weight(w, basis, strengths, "full") - w
-                    a, b = low_rank_factors(delta, self.rank)
-                    approx_delta = b @ a
-                    scale = delta.norm().clamp_min(1e-12)
-                    error = float((delta - approx_delta).norm() / scale)
-                    stats.approximation_error = max(stats.approximation_error, error)
-                    original = w.norm(dim=1)
-                    approx = (w + approx_delta).norm(dim=1)
-                    deviation = ((approx - original).abs() / original.clamp_min(1e-12)).max()
-                    stats.row_norm_error = max(stats.row_norm_error, float(deviation))
-                else:
-                    a, b = subspace_factors(weight, basis, strengths, self.options.row_normalization)
-                lora_a, lora_b = module.lora_A["default"].weight, module.lora_B["default"].weight
-                lora_a.zero_()
-                lora_a[: a.shape[0]].copy_(a.to(lora_a.dtype))
-                lora_b[:, : b.shape[1]].copy_(b.to(lora_b.dtype))
+        plan = self.plan(edit)
+        for target in self.targets:
+            entry = plan[target.component][target.layer]
+            stats.modules.setdefault(target.component, 0)
+            if entry is None:
+                continue
+            stats.modules[target.component] += target.count
+            basis, strengths = entry
+            if target.fused:
+                self._edit_fused(target, basis, strengths)
+                continue
+            module = target.module
+            if self.hooks is not None:
+                self.hooks.set(module, basis, strengths)
+                continue
+            weight = target.weight
+            if self.options.row_normalization == "full":
+                w = weight.float()
+                delta = edited_weight(w, basis, strengths, "full") - w
+                a, b = low_rank_factors(delta, self.rank)
+                approx_delta = b @ a
+                scale = delta.norm().clamp_min(1e-12)
+                error = float((delta - approx_delta).norm() / scale)
+                stats.approximation_error = max(stats.approximation_error, error)
+                original = w.norm(dim=1)
+                approx = (w + approx_delta).norm(dim=1)
+                deviation = ((approx - original).abs() / original.clamp_min(1e-12)).max()
+                stats.row_norm_error = max(stats.row_norm_error, float(deviation))
+            else:
+                a, b = subspace_factors(weight, basis, strengths, self.options.row_normalization)
+            lora_a, lora_b = module.lora_A["default"].weight, module.lora_B["default"].weight
+            lora_a.zero_()
+            lora_a[: a.shape[0]].copy_(a.to(lora_a.dtype))
+            lora_b[:, : b.shape[1]].copy_(b.to(lora_b.dtype))
         self.current = edit
         self.stats = stats
         return stats
@@ -270,20 +298,22 @@ class Abliterator:
     @torch.no_grad()
     def merged_model(self) -> nn.Module:
         """The plain model with the current edit written exactly into its weights (consumes the
-        wrapper). "none"/"pre" merge the LoRA; "full" and hook mode compute the exact weights."""
+        wrapper). "none"/"pre" merge the LoRA; "full" and hook mode compute the exact weights;
+        fused experts already hold theirs."""
         plan = self.plan(self.current) if self.current is not None else {}
         if self.hooks is not None:
             self.hooks.remove()
             model = self.loaded.model
+        elif self.peft_model is None:
+            return self.loaded.model
         elif self.options.row_normalization != "full":
             return self.peft_model.merge_and_unload()
         else:
             model = self.peft_model.unload()
-        modules = self.loaded.target_modules(list(plan))  # plain modules again: hooks and LoRA are gone
-        for component, entries in plan.items():
-            for module, entry in zip(modules[component], entries, strict=True):
-                if entry is None:
-                    continue
-                exact = edited_weight(module.weight, *entry, self.options.row_normalization)
-                module.weight.copy_(exact.to(module.weight.dtype))
+        for target in self.loaded.targets(list(plan)):  # plain modules again: hooks and LoRA are gone
+            entry = plan[target.component][target.layer]
+            if entry is None or target.fused:
+                continue
+            exact = edited_weight(target.weight, *entry, self.options.row_normalization)
+            target.weight.copy_(exact.to(target.weight.dtype))
         return model

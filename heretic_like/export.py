@@ -134,6 +134,9 @@ def save_adapter(abliterator: Abliterator, edit: Edit, out_dir: str | Path, card
     `PeftModel.from_pretrained(base_model, out_dir)`. A hook-mode abliterator is rewrapped as a
     LoRA first (the same edit). With row_normalization "full" the adapter is the trial-time
     low-rank approximation, not the exact norm-preserving weights."""
+    if any(t.fused for t in abliterator.targets):
+        raise HereticError("export_strategy = 'adapter' cannot carry edits of fused MoE expert weights "
+                           "(no LoRA wraps a 3-D expert tensor); use export_strategy = 'merged'")  # fmt: skip
     if abliterator.hooks is not None:
         abliterator.hooks.remove()
         abliterator = Abliterator(abliterator.loaded, abliterator.components, abliterator.geometry,

@@ -18,10 +18,113 @@ from torch import nn
 from .config import COMPONENTS, Settings
 from .errors import HereticError
 
-# Where each component lives inside one decoder layer, per architecture family.
-COMPONENT_PATHS = {"attn.o_proj": "self_attn.o_proj", "mlp.down_proj": "mlp.down_proj"}
+SUPPORTED = "llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3, phi3, olmo2, granite, mixtral, qwen2_moe, qwen3_moe"
 CONVERSION_VERSION = 2  # 2: lm_head re-tied to the embeddings when identical
-SUPPORTED = "llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3, phi3, olmo2, granite"
+MLP_NAMES = ("mlp", "block_sparse_moe", "feed_forward")  # where a layer keeps its MLP or MoE block
+DOWN_NAMES = ("down_proj", "w2")  # an MLP's (or expert's) write into the residual stream
+SHARED_NAMES = ("shared_expert", "shared_experts")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One weight that an edit of `component` at `layer` changes: a Linear's (out, in) weight, or
+    an MoE experts module's fused 3-D weight `param`, (experts, out, in), or (experts, in, out)
+    when `transposed` (used as x @ W[e])."""
+
+    component: str
+    layer: int
+    name: str  # dotted path of the module
+    module: nn.Module
+    param: str | None = None
+    transposed: bool = False
+
+    @property
+    def fused(self) -> bool:
+        return self.param is not None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        if self.param is not None:
+            return getattr(self.module, self.param)
+        return getattr(self.module, "base_layer", self.module).weight  # under a peft LoRA: the base
+
+    @property
+    def count(self) -> int:
+        """Weight matrices edited: one, or one per expert."""
+        return self.weight.shape[0] if self.fused else 1
+
+
+def _is_linear(module: nn.Module | None) -> bool:
+    return isinstance(module, nn.Linear) or isinstance(getattr(module, "base_layer", None), nn.Linear)
+
+
+def _child(module: nn.Module, names: tuple[str, ...]) -> tuple[str, nn.Module] | None:
+    for name in names:
+        child = getattr(module, name, None)
+        if isinstance(child, nn.Module):
+            return name, child
+    return None
+
+
+def _mlp_targets(layer: nn.Module, index: int, prefix: str, hidden: int | None,
+                 warnings: list[str] | None = None) -> list[Target]:  # fmt: skip
+    """Every weight through which a layer's MLP writes into the residual stream: a dense down
+    projection; each expert's (a ModuleList of experts, or one fused 3-D tensor); shared experts.
+    Experts whose storage is not recognised are reported in `warnings`, never skipped silently."""
+    found = _child(layer, MLP_NAMES)
+    if found is None:
+        return []
+    mlp_name, mlp = found
+    base = f"{prefix}.{mlp_name}"
+    targets = []
+    down = _child(mlp, DOWN_NAMES)
+    if down is not None and _is_linear(down[1]):
+        targets.append(Target("mlp.down_proj", index, f"{base}.{down[0]}", down[1]))
+    experts = getattr(mlp, "experts", None)
+    if isinstance(experts, nn.ModuleList):
+        for j, expert in enumerate(experts):
+            down = _child(expert, DOWN_NAMES)
+            if down is not None and _is_linear(down[1]):
+                targets.append(Target("mlp.down_proj", index, f"{base}.experts.{j}.{down[0]}", down[1]))
+    elif isinstance(experts, nn.Module):
+        for name in DOWN_NAMES:
+            weight = getattr(experts, name, None)
+            if isinstance(weight, torch.Tensor) and weight.dim() == 3:
+                transposed = hidden is not None and weight.shape[2] == hidden and weight.shape[1] != hidden
+                targets.append(Target("mlp.down_proj", index, f"{base}.experts", experts, name, transposed))
+                break
+    if isinstance(experts, nn.Module) and not any(".experts" in t.name for t in targets) and warnings is not None:
+        warnings.append(f"layer {index}: experts {type(experts).__name__} at {base}.experts store no down_proj/w2 "
+                        "we recognise: NOT edited")  # fmt: skip
+    shared = _child(mlp, SHARED_NAMES)
+    if shared is not None:
+        down = _child(shared[1], DOWN_NAMES)
+        if down is not None and _is_linear(down[1]):
+            targets.append(Target("mlp.down_proj", index, f"{base}.{shared[0]}.{down[0]}", down[1]))
+    return targets
+
+
+def layer_targets(layer: nn.Module, index: int, prefix: str, hidden: int | None = None,
+                  warnings: list[str] | None = None) -> list[Target]:  # fmt: skip
+    targets = []
+    attn = getattr(layer, "self_attn", None)
+    if attn is not None and _is_linear(getattr(attn, "o_proj", None)):
+        targets.append(Target("attn.o_proj", index, f"{prefix}.self_attn.o_proj", attn.o_proj))
+    return targets + _mlp_targets(layer, index, prefix, hidden, warnings)
+
+
+def find_targets(model: nn.Module, layers_path: str, components=COMPONENTS) -> tuple[list[Target], list[str]]:
+    """(targets of the given components, warnings naming every layer where one has none)."""
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    targets, warnings = [], []
+    for i, layer in enumerate(model.get_submodule(layers_path)):
+        found = [t for t in layer_targets(layer, i, f"{layers_path}.{i}", hidden, warnings)
+                 if t.component in components]  # fmt: skip
+        for component in components:
+            if not any(t.component == component for t in found):
+                warnings.append(f"layer {i}: no {component} weight found in {type(layer).__name__}: NOT edited")
+        targets += found
+    return targets, warnings
 
 
 @dataclass
@@ -32,38 +135,35 @@ class LoadedModel:
     num_layers: int
     source: str  # what was actually loaded (a dir or hub id)
 
-    def target_modules(self, components: list[str] | tuple[str, ...] = COMPONENTS) -> dict[str, list[nn.Linear]]:
-        """component -> one Linear per layer."""
-        layers = self.model.get_submodule(self.layers_path)
-        return {c: [layer.get_submodule(COMPONENT_PATHS[c]) for layer in layers] for c in components}
+    def targets(self, components: list[str] | tuple[str, ...] = COMPONENTS) -> list[Target]:
+        """Every weight the components' edits write, found afresh (so LoRA wrapping is seen)."""
+        return find_targets(self.model, self.layers_path, tuple(components))[0]
+
+    def target_warnings(self, components: list[str] | tuple[str, ...] = COMPONENTS) -> list[str]:
+        return find_targets(self.model, self.layers_path, tuple(components))[1]
 
     def target_names(self, components: list[str] | tuple[str, ...] = COMPONENTS) -> list[str]:
-        return [f"{self.layers_path}.{i}.{COMPONENT_PATHS[c]}" for c in components for i in range(self.num_layers)]
+        """Module names of the Linear targets (what a peft LoRA wraps; fused experts are not)."""
+        return [t.name for t in self.targets(components) if not t.fused]
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
 
-def _has_components(layer: nn.Module) -> bool:
-    for path in COMPONENT_PATHS.values():
-        try:
-            if not isinstance(layer.get_submodule(path), nn.Linear):
-                return False
-        except AttributeError:
-            return False
-    return True
-
-
 def find_decoder_layers(model: nn.Module) -> str:
-    """Dotted path of the first ModuleList whose every element has o_proj and down_proj."""
+    """Dotted path of the first ModuleList whose every element writes through o_proj and holds an
+    MLP block (dense or mixture-of-experts; a layer whose MLP we cannot edit is warned about)."""
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and all(_has_components(m) for m in module):
-            return name
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            kinds = [{t.component for t in layer_targets(m, 0, "")} for m in module]
+            if all("attn.o_proj" in k and _child(m, MLP_NAMES) for k, m in zip(kinds, module, strict=True)) and any(
+                    "mlp.down_proj" in k for k in kinds):  # fmt: skip
+                return name
     model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
     raise HereticError(
         f"model type '{model_type}' has no recognisable decoder layers (each needs self_attn.o_proj and "
-        f"mlp.down_proj Linear modules); supported families: {SUPPORTED}"
+        f"an MLP down projection, dense or per expert); supported families: {SUPPORTED}"
     )
 
 

@@ -52,14 +52,25 @@ def build_tokenizer(path: Path, chat_template: str | None = CHATML):
 
 
 def build_model(path: Path, arch: str = "llama", layers: int = 4, seed: int = 0, chat_template: str | None = CHATML):
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig
 
     tokenizer = build_tokenizer(path, chat_template)
     common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
                   eos_token_id=tokenizer.eos_token_id, bos_token_id=None)  # fmt: skip
-    config = LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
+    moe = dict(num_experts_per_tok=2, output_router_logits=False)
+    configs = {
+        "llama": lambda: LlamaConfig(**common),
+        "qwen2": lambda: Qwen2Config(**common),
+        # Mixture-of-experts, experts stored as one fused (experts, out, in) tensor per layer
+        # (transformers 5); Qwen2-MoE also has a dense shared expert beside them.
+        "mixtral": lambda: MixtralConfig(**common, num_local_experts=4, **moe),
+        "qwen2_moe": lambda: Qwen2MoeConfig(**common, num_experts=4, moe_intermediate_size=32,
+                                            shared_expert_intermediate_size=64, decoder_sparse_step=1,
+                                            mlp_only_layers=[], **moe),
+    }  # fmt: skip
+    config = configs[arch]()
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(path)
@@ -114,6 +125,20 @@ def tiny_llama(tmp_path_factory) -> Path:
 def tiny_qwen2(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny-qwen2")
     build_model(path, "qwen2", layers=3)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_moe(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-qwen2-moe")
+    build_model(path, "qwen2_moe", layers=2)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-mixtral")
+    build_model(path, "mixtral", layers=2)
     return path
 
 

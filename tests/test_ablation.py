@@ -14,7 +14,7 @@ from heretic_like.ablation import (
 )
 from heretic_like.directions import RefusalGeometry, orthonormalize
 from heretic_like.kernel import Kernel
-from heretic_like.model import COMPONENT_PATHS, chat_texts, encode, load_model
+from heretic_like.model import chat_texts, encode, load_model
 from tests.test_model import settings_for
 
 
@@ -139,10 +139,9 @@ def test_lora_equals_direct_weight_edit_and_resets(tiny_llama, tmp_path):
     direct = load_model(settings_for(tiny_llama, tmp_path))
     layer_dirs = edit.layer_directions(geometry.directions)
     with torch.no_grad():
-        for component, kernel in edit.kernels.items():
-            for i, layer in enumerate(direct.model.get_submodule(direct.layers_path)):
-                module = layer.get_submodule(COMPONENT_PATHS[component])
-                module.weight.copy_(direct_edit(module.weight, layer_dirs[i], float(kernel.weights(4)[i])))
+        for target in direct.targets():
+            weight, i = target.weight, target.layer
+            weight.copy_(direct_edit(weight, layer_dirs[i], float(edit.kernels[target.component].weights(4)[i])))
     assert not torch.allclose(lora_logits, base_logits, atol=1e-3)  # the edit does something
     assert torch.allclose(lora_logits, _logits(direct, PROMPTS), atol=1e-4)
 
@@ -195,7 +194,7 @@ def test_hooks_equal_the_weight_edit_with_several_directions(tiny_llama, tmp_pat
 
 def test_full_normalisation_trials_are_approximate_and_export_is_exact(tiny_llama, tmp_path):
     loaded = load_model(settings_for(tiny_llama, tmp_path))
-    originals = {c: [m.weight.detach().clone() for m in mods] for c, mods in loaded.target_modules().items()}
+    originals = {t.name: t.weight.detach().clone() for t in loaded.targets()}
     geometry = geometry_for(4, k=2)
     edit = _edit(4)
     abl = Abliterator(loaded, ["attn.o_proj", "mlp.down_proj"], geometry,
@@ -205,10 +204,9 @@ def test_full_normalisation_trials_are_approximate_and_export_is_exact(tiny_llam
     assert 0 < stats.approximation_error < 0.5 and 0 < stats.row_norm_error < 0.2
     lora_logits = _logits(loaded, PROMPTS)
     merged = abl.merged_model()
-    for component, weights in originals.items():
-        for layer, original in zip(merged.get_submodule("model.layers"), weights, strict=True):
-            new = layer.get_submodule(COMPONENT_PATHS[component]).weight
-            assert torch.allclose(new.norm(dim=1), original.norm(dim=1), rtol=1e-5)
+    for name, original in originals.items():
+        new = merged.get_submodule(name).weight
+        assert torch.allclose(new.norm(dim=1), original.norm(dim=1), rtol=1e-5)
     exported = _logits(loaded, PROMPTS)
     assert torch.allclose(exported, lora_logits, atol=0.05)  # the LoRA was a close approximation
     # a higher-rank approximation is at least as faithful

@@ -20,9 +20,10 @@ def settings_for(model_dir: Path, tmp_path: Path, **extra):
 def test_loads_and_finds_layers(request, tmp_path, fixture, layers):
     loaded = load_model(settings_for(request.getfixturevalue(fixture), tmp_path))
     assert loaded.num_layers == layers and loaded.layers_path == "model.layers"
-    targets = loaded.target_modules()
-    assert set(targets) == {"attn.o_proj", "mlp.down_proj"}
-    assert all(len(mods) == layers for mods in targets.values())
+    targets = loaded.targets()
+    assert sorted((t.component, t.layer) for t in targets) == sorted(
+        (c, i) for c in ("attn.o_proj", "mlp.down_proj") for i in range(layers))  # fmt: skip
+    assert not any(t.fused for t in targets) and not loaded.target_warnings()
     assert loaded.tokenizer.padding_side == "left"
     assert len(loaded.target_names()) == 2 * layers
 
