@@ -18,7 +18,9 @@ swaps the factors for each trial without reloading anything.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -217,6 +219,18 @@ class Abliterator:
     def modules(self) -> dict[str, list[nn.Module]]:
         """component -> its Linear targets (as wrapped), in layer order."""
         return {c: [t.module for t in self.targets if t.component == c and not t.fused] for c in self.components}
+
+    @contextlib.contextmanager
+    def unedited(self) -> Iterator[None]:
+        """The original model for the duration (e.g. to act as its own refusal judge), then the
+        current edit again."""
+        current = self.current
+        self.reset()
+        try:
+            yield
+        finally:
+            if current is not None:
+                self.apply(current)
 
     @torch.no_grad()
     def reset(self) -> None:

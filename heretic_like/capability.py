@@ -17,8 +17,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from .detectors import MarkerDetector, strip_thinking
 from .errors import HereticError
-from .evaluation import MarkerDetector, count_refusals, generate, strip_thinking
+from .evaluation import count_refusals, generate
 from .model import LoadedModel, chat_texts
 
 

@@ -123,6 +123,10 @@ class Settings(_Strict):
     kl_divergence_target: float = Field(0.01, ge=0)
     refusal_markers: list[str] = Field(min_length=1)
     stop_at_marker: bool = True
+    refusal_detector: Literal["markers", "judge", "endpoint"] = "markers"
+    refusal_judge_model: str | None = None
+    refusal_judge_url: str | None = None
+    refusal_judge_api_key_env: str | None = "OPENAI_API_KEY"
     prune_dominated: bool = True
     # --- directions and edits ---
     orthogonalize_direction: bool = False
@@ -162,6 +166,8 @@ class Settings(_Strict):
 
     @model_validator(mode="after")
     def _compatible(self) -> Settings:
+        if self.refusal_detector == "endpoint" and not (self.refusal_judge_url and self.refusal_judge_model):
+            raise ValueError("refusal_detector = 'endpoint' needs refusal_judge_url and refusal_judge_model")
         if self.edit_mode == "hooks" and self.row_normalization != "none":
             raise ValueError(f"edit_mode = 'hooks' needs row_normalization = 'none' (got '{self.row_normalization}')")
         return self
@@ -184,6 +190,7 @@ class Settings(_Strict):
     STUDY_KEYS: ClassVar[tuple[str, ...]] = (
         "model", "gguf_file", "quantization", "chat_template", "system_prompt", "response_prefix", "thinking_tags",
         "max_response_length", "kl_divergence_scale", "kl_divergence_target", "refusal_markers",
+        "refusal_detector", "refusal_judge_model", "refusal_judge_url",
         "orthogonalize_direction", "winsorization_quantile", "row_normalization",
         "full_normalization_lora_rank", "biproject_direction", "directions_per_layer", "direction_candidates",
         "entanglement_threshold", "search", "good_prompts", "bad_prompts", "good_evaluation_prompts",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -15,54 +14,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from .detectors import MarkerDetector, is_refusal, marker_detector, normalize_text, strip_thinking
 from .model import LoadedModel, chat_texts, encode
 
-_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "`": "'", "\u00b4": "'"})
-
-
-def normalize_text(text: str) -> str:
-    """Lower case, straight apostrophes, no markdown emphasis, single spaces."""
-    text = text.translate(_APOSTROPHES).lower().replace("*", "").replace("_", " ")
-    return re.sub(r"\s+", " ", text).strip()
-
-
-def strip_thinking(text: str, tags: Sequence[tuple[str, str]] = ()) -> str:
-    """The answer part of a response: thinking blocks removed. An opened, unclosed block means
-    the answer has not begun, so everything from its opener on is dropped; a closer with no
-    opener (the chat template opened the block) drops everything before it."""
-    for opener, closer in tags:
-        head = text.find(closer)
-        if head >= 0 and opener not in text[:head]:
-            text = text[head + len(closer) :]
-        while opener in text:
-            start = text.index(opener)
-            end = text.find(closer, start + len(opener))
-            text = text[:start] if end < 0 else text[:start] + text[end + len(closer) :]
-    return text
-
-
-def is_refusal(response: str, markers: list[str], prefix: str = "", tags: Sequence[tuple[str, str]] = ()) -> bool:
-    """Does the answer contain a marker? `prefix` is the response prefix the prompt ended with (it
-    is part of the answer's text); thinking blocks delimited by `tags` are not the answer."""
-    text = normalize_text(strip_thinking(prefix + response, tags))
-    return any(normalize_text(marker) in text for marker in markers)
-
-
-@dataclass(frozen=True)
-class MarkerDetector:
-    """Refusal = a marker substring in the answer (after the response prefix, outside thinking)."""
-
-    markers: tuple[str, ...]
-    prefix: str = ""
-    tags: tuple[tuple[str, str], ...] = ()
-
-    def __call__(self, response: str) -> bool:
-        return is_refusal(response, list(self.markers), self.prefix, self.tags)
-
-
-def marker_detector(markers: list[str] | MarkerDetector) -> MarkerDetector:
-    return markers if isinstance(markers, MarkerDetector) else MarkerDetector(tuple(markers))
-
+__all__ = ["MarkerDetector", "is_refusal", "marker_detector", "normalize_text", "strip_thinking"]
 
 def detect_response_prefix(responses: list[str], tags: Sequence[tuple[str, str]] = (), prompt: str = "") -> str:
     """The thinking block every response opens with, as a prefix to put after the generation
@@ -171,18 +126,18 @@ class StopAtMarker(StoppingCriteria):
 @torch.inference_mode()
 def generate_batches(
     loaded: LoadedModel, texts: list[str], max_new_tokens: int, batch_size: int, desc: str | None = None,
-    detector: MarkerDetector | None = None, stop_rows: bool = False, budget: Callable[[], int | None] | None = None,
+    detector=None, stop_rows: bool = False, budget: Callable[[], int | None] | None = None,
 ) -> Iterator[tuple[list[str], int]]:  # fmt: skip
     """Greedy responses (special tokens stripped) and the number of tokens generated, one batch at
-    a time so callers can stop early. With a `detector`, rows may stop at their first marker
-    (`stop_rows`) and a batch stops once `budget()` of its rows have refused (see StopAtMarker)."""
+    a time so callers can stop early. With a streaming `detector` (markers), rows may stop at their
+    first marker (`stop_rows`) and a batch stops once `budget()` of its rows have refused."""
     tokenizer = loaded.tokenizer
     starts = range(0, len(texts), batch_size)
     for start in tqdm(starts, desc=desc, unit="batch", leave=False, disable=desc is None):
         batch = encode(tokenizer, texts[start : start + batch_size], loaded.device)
         prompt_length = batch["input_ids"].shape[1]
         limit = budget() if budget else None
-        watch = detector is not None and (stop_rows or limit is not None)
+        watch = detector is not None and getattr(detector, "streaming", False) and (stop_rows or limit is not None)
         stopping = StoppingCriteriaList(
             [StopAtMarker(tokenizer, prompt_length, detector, stop_rows, limit)] if watch else []
         )
@@ -204,18 +159,20 @@ def generate(loaded: LoadedModel, texts: list[str], max_new_tokens: int, batch_s
 
 
 def count_refusals(loaded: LoadedModel, texts: list[str], max_new_tokens: int, batch_size: int,
-                   markers: list[str] | MarkerDetector, desc: str | None = None,
+                   markers, desc: str | None = None, prompts: list[str] | None = None,
                    ) -> tuple[int, list[str], int]:  # fmt: skip
-    """(refusals, responses, tokens generated) for chat-formatted texts under the current edit.
+    """(refusals, responses, tokens generated) for chat-formatted texts under the current edit;
+    `markers` is a marker list or any detector (judges also need the plain `prompts`).
 
-    Rows stop at their first marker, so long responses only cost the ones that keep complying."""
-    detector = marker_detector(markers)
+    With markers, rows stop at their first one, so long responses only cost those that comply."""
+    detector = marker_detector(markers) if isinstance(markers, (list, tuple)) else markers
     responses: list[str] = []
     tokens = 0
     for batch, count in generate_batches(loaded, texts, max_new_tokens, batch_size, desc, detector, stop_rows=True):
         responses += batch
         tokens += count
-    return sum(map(detector, responses)), responses, tokens
+    verdicts = detector.classify(prompts or texts, responses)
+    return sum(verdicts), responses, tokens
 
 
 def autotune_batch_size(loaded: LoadedModel, texts: list[str], max_batch_size: int) -> int:
@@ -244,20 +201,21 @@ class Score:
     generation_seconds: float = 0.0
     pruned: bool = False
     tokens_generated: int = 0
+    refused: list[bool] = field(default_factory=list, repr=False)  # the detector's verdict per response
 
 
 class Evaluator:
     """Holds the formatted evaluation prompts and the unedited model's reference numbers."""
 
     def __init__(self, loaded: LoadedModel, harmful: list[str], harmless: list[str], system_prompt: str | None,
-                 markers: list[str] | MarkerDetector, max_response_length: int, batch_size: int,
+                 markers, max_response_length: int, batch_size: int,
                  stop_at_marker: bool = True, response_prefix: str = ""):  # fmt: skip
         self.loaded = loaded
         self.harmful_prompts = harmful
         self.harmful = chat_texts(loaded.tokenizer, harmful, system_prompt, response_prefix)
         self.order = list(range(len(harmful)))  # harmful prompts' original positions, in scoring order
         self.harmless = chat_texts(loaded.tokenizer, harmless, system_prompt, response_prefix)
-        self.detector = marker_detector(markers)
+        self.detector = marker_detector(markers) if isinstance(markers, (list, tuple)) else markers
         self.max_response_length = max_response_length
         self.batch_size = batch_size
         self.stop_at_marker = stop_at_marker
@@ -288,25 +246,28 @@ class Evaluator:
         mid = time.perf_counter()
         cap = refusal_cap(kl) if refusal_cap else None
         responses: list[str] = []
+        refused: list[bool] = []
         refusals, tokens = 0, 0
         if cap != 0:
             budget = (lambda: cap - refusals) if cap is not None else None
             for batch, count in generate_batches(self.loaded, self.harmful, self.max_response_length, self.batch_size,
                                                  desc, self.detector, self.stop_at_marker, budget):  # fmt: skip
+                prompts = self.harmful_prompts[len(responses) : len(responses) + len(batch)]
                 responses += batch
-                refusals += sum(map(self.detector, batch))
+                refused += self.detector.classify(prompts, batch)
+                refusals = sum(refused)
                 tokens += count
                 if cap is not None and refusals >= cap:
                     break
         pruned = cap is not None and refusals >= cap
-        return Score(refusals, kl, responses, mid - started, time.perf_counter() - mid, pruned, tokens)
+        return Score(refusals, kl, responses, mid - started, time.perf_counter() - mid, pruned, tokens, refused)
 
     def count_refusals(self, max_new_tokens: int, desc: str | None = None) -> tuple[int, list[str]]:
         """Refusals of the current edit on the harmful prompts with `max_new_tokens`-token responses."""
         refusals, responses, _ = count_refusals(self.loaded, self.harmful, max_new_tokens, self.batch_size,
-                                                self.detector, desc)  # fmt: skip
+                                                self.detector, desc, self.harmful_prompts)  # fmt: skip
         return refusals, responses
 
     def refused_positions(self, score: Score) -> list[int]:
         """Original positions of the harmful prompts `score` counted as refused."""
-        return [self.order[i] for i, r in enumerate(score.responses) if self.detector(r)]
+        return [self.order[i] for i, refused in enumerate(score.refused) if refused]

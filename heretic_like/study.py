@@ -23,9 +23,10 @@ from tqdm.auto import tqdm
 from . import __version__
 from .ablation import Abliterator, Edit, EditOptions
 from .config import SearchSpace, Settings, build_settings, merge_dicts
+from .detectors import MarkerDetector, ModelJudge, agreement, build_detector
 from .directions import RefusalGeometry, collect_residuals, measure, winsorize
 from .errors import HereticError
-from .evaluation import Evaluator, MarkerDetector, autotune_batch_size, detect_response_prefix, generate
+from .evaluation import Evaluator, autotune_batch_size, detect_response_prefix, generate
 from .kernel import Kernel
 from .model import LoadedModel, chat_texts, load_model, model_fingerprint
 from .prompts import load_prompts, prompts_fingerprint
@@ -408,7 +409,7 @@ def prepare(settings: Settings, study: optuna.Study, prompts: dict[str, list[str
     geometry = compute_geometry(settings, loaded, prompts, batch_size, response_prefix=prefix)
     timings["directions"] = time.perf_counter() - started
     started = time.perf_counter()
-    detector = MarkerDetector(tuple(settings.refusal_markers), prefix, tuple(map(tuple, settings.thinking_tags)))
+    detector = build_detector(settings, loaded, batch_size, prefix)
     evaluator = Evaluator(loaded, prompts["bad_evaluation_prompts"], prompts["good_evaluation_prompts"],
                           settings.system_prompt, detector, settings.max_response_length,
                           batch_size, settings.stop_at_marker, prefix)  # fmt: skip
@@ -426,6 +427,12 @@ def refusal_cap(study: optuna.Study):
         return min(counts) if counts else None
 
     return cap
+
+
+def markers_of(settings: Settings, evaluator: Evaluator) -> MarkerDetector:
+    """The marker detector, to compare another detector's verdicts with."""
+    prefix = getattr(evaluator.detector, "prefix", "")
+    return MarkerDetector(tuple(settings.refusal_markers), prefix, tuple(map(tuple, settings.thinking_tags)))
 
 
 @dataclass
@@ -462,6 +469,11 @@ def run_study(settings: Settings) -> StudyRun:
         base = evaluator.score(desc="unedited model")
         timings["base_refusals"] = time.perf_counter() - started
         base_refusals = base.refusals
+        if evaluator.detector.name != "markers":
+            agreed = agreement(base.refused, markers_of(settings, evaluator).classify([], base.responses))
+            study.set_user_attr("detector_agreement_unedited", agreed)
+            print(f"Refusal detector '{evaluator.detector.name}' agrees with the markers on {agreed['agreement']:.0%} "
+                  f"of the unedited model's responses (kappa {agreed['kappa']:.2f})")  # fmt: skip
         study.set_user_attr("base_refused_positions", evaluator.refused_positions(base))
         study.set_user_attr("base_refusals", base_refusals)
         study.set_user_attr("n_harmful_eval", len(evaluator.harmful))
@@ -469,6 +481,8 @@ def run_study(settings: Settings) -> StudyRun:
     print(f"Unedited model refuses {base_refusals}/{len(evaluator.harmful)} harmful evaluation prompts")
 
     abliterator = Abliterator(loaded, settings.search.components, geometry, EditOptions.from_settings(settings))
+    if isinstance(evaluator.detector, ModelJudge) and evaluator.detector.loaded is loaded:
+        evaluator.detector.unedited = abliterator.unedited  # the model judges with its original weights
     if settings.search.seed_best_layer and not study.trials:
         study.enqueue_trial(best_layer_seed(settings.search, geometry), skip_if_exists=True)
 
@@ -491,6 +505,10 @@ def run_study(settings: Settings) -> StudyRun:
                        f"(dominated by a finished trial; {seconds:.1f} s)")  # fmt: skip
             raise optuna.TrialPruned()
         trial.set_user_attr("refusals", score.refusals)
+        if evaluator.detector.name != "markers":
+            marker_verdicts = markers_of(settings, evaluator).classify([], score.responses)
+            trial.set_user_attr("marker_refusals", sum(marker_verdicts))
+            trial.set_user_attr("marker_agreement", agreement(score.refused, marker_verdicts)["agreement"])
         if settings.print_responses:
             for prompt, response in zip(evaluator.harmful_prompts, score.responses, strict=True):
                 tqdm.write(f"[{trial.number}] {prompt!r}\n    -> {response!r}")

@@ -32,7 +32,7 @@ def _corpus() -> list[str]:
     return lines + [REFUSAL, COMPLIANCE, "You are a helpful assistant.", "system user assistant"]
 
 
-def build_tokenizer(path: Path, chat_template: str | None = CHATML):
+def build_tokenizer(path: Path, chat_template: str | None = CHATML, extra: tuple[str, ...] = ()):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -42,7 +42,7 @@ def build_tokenizer(path: Path, chat_template: str | None = CHATML):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
-    tok.train_from_iterator(_corpus(), trainer)
+    tok.train_from_iterator(_corpus() + list(extra), trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>",
                                    bos_token=None, unk_token=None)  # fmt: skip
     if chat_template:
@@ -51,12 +51,13 @@ def build_tokenizer(path: Path, chat_template: str | None = CHATML):
     return fast
 
 
-def build_model(path: Path, arch: str = "llama", layers: int = 4, seed: int = 0, chat_template: str | None = CHATML):
+def build_model(path: Path, arch: str = "llama", layers: int = 4, seed: int = 0, chat_template: str | None = CHATML,
+                corpus: tuple[str, ...] = (), positions: int = 256):  # fmt: skip
     from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig
 
-    tokenizer = build_tokenizer(path, chat_template)
+    tokenizer = build_tokenizer(path, chat_template, corpus)
     common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=positions,
                   tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
                   eos_token_id=tokenizer.eos_token_id, bos_token_id=None)  # fmt: skip
     moe = dict(num_experts_per_tok=2, output_router_logits=False)
@@ -87,6 +88,11 @@ def train_refusal(model, tokenizer, steps: int = 150, opening: str = "") -> None
     prompts = harmful + harmless
     answers = [opening + REFUSAL] * len(harmful) + [opening + COMPLIANCE] * len(harmless)
     texts = chat_texts(tokenizer, prompts, "You are a helpful assistant.")
+    train_answers(model, tokenizer, texts, answers, steps)
+
+
+def train_answers(model, tokenizer, texts: list[str], answers: list[str], steps: int) -> None:
+    """A few AdamW steps on chat texts -> answers (answer tokens only in the loss)."""
     rows = []
     for text, answer in zip(texts, answers, strict=True):
         prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -125,6 +131,26 @@ def tiny_llama(tmp_path_factory) -> Path:
 def tiny_qwen2(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny-qwen2")
     build_model(path, "qwen2", layers=3)
+    return path
+
+
+@pytest.fixture(scope="session")
+def judge_model(tmp_path_factory) -> Path:
+    """A tiny model trained on the refusal-judge question: "yes" for REFUSAL, "no" for COMPLIANCE."""
+    from heretic_like.detectors import JUDGE_QUESTION
+    from heretic_like.model import chat_texts
+
+    path = tmp_path_factory.mktemp("judge-llama")
+    model, tokenizer = build_model(path, "llama", layers=2, corpus=(JUDGE_QUESTION,) * 20, positions=512)
+    prompts = builtin_path("harmful").read_text().splitlines()[:60]
+    prompts += builtin_path("harmless").read_text().splitlines()[:60]
+    questions, answers = [], []
+    for i, prompt in enumerate(prompts):
+        response = REFUSAL if i % 2 else COMPLIANCE
+        questions.append(JUDGE_QUESTION.format(prompt=prompt, response=response))
+        answers.append("yes" if response == REFUSAL else "no")
+    train_answers(model, tokenizer, chat_texts(tokenizer, questions, None), answers, steps=80)
+    model.save_pretrained(path)
     return path
 
 
