@@ -1,4 +1,4 @@
-"""`python -m heretic_like [run|export|report|evaluate|reproduce|testbed] ...`: thin layer over the library.
+"""`python -m heretic_like [run|export|report|chat|evaluate|reproduce|testbed] ...`: thin layer over the library.
 
 Any config key can be overridden on the command line: `--n-trials 5`, `--model DIR`,
 `--search.max-weight.high 2.0`. Values are read as TOML literals when they parse, else as text.
@@ -12,7 +12,7 @@ import sys
 
 from .errors import HereticError
 
-COMMANDS = ("run", "export", "report", "evaluate", "reproduce", "testbed")
+COMMANDS = ("run", "export", "report", "chat", "evaluate", "reproduce", "testbed")
 
 
 def _split_overrides(rest: list[str], parser: argparse.ArgumentParser) -> list[tuple[str, str]]:
@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m heretic_like",
         description="Remove refusals from a language model by abliteration, tuned with Optuna.",
-        epilog="Commands: run (default), export, report, evaluate, reproduce, testbed. "
+        epilog="Commands: run (default), export, report, chat, evaluate, reproduce, testbed. "
         "Any config key may be given as --key value.",
     )
     sub = parser.add_subparsers(dest="command")
@@ -53,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--trial", type=int, help="trial to detail (default: the export rule's pick)")
     report.add_argument("--out", help="output folder (default: <checkpoints>/<study>-report)")
     report.add_argument("--residuals", action="store_true", help="also plot residuals per layer (loads the model)")
+    chat = sub.add_parser("chat", help="chat with a trial's edited model (or any model via --model), streamed")
+    chat.add_argument("--study", help="study journal file or Optuna storage URL (omit to chat with --model)")
+    chat.add_argument("--study-name", help="needed when the storage holds several studies")
+    chat.add_argument("--trial", type=int, help="trial whose edit to apply (default: the export rule's pick)")
+    chat.add_argument("--max-new-tokens", type=int, default=512)
     evaluate = sub.add_parser("evaluate", help="capability checks, base (--model) vs edited (--compare)")
     evaluate.add_argument("--compare", required=True, help="edited model: folder, hub id, or peft adapter folder")
     evaluate.add_argument("--out", help="where the table goes (default: the --compare folder)")
@@ -88,6 +93,42 @@ def main(argv: list[str] | None = None) -> int:
             out = args.out or f"{settings.study_checkpoint_dir}/{study.study_name}-report"
             for path in write_report(study, settings, out, args.trial, args.residuals):
                 print(path)
+        elif args.command == "chat":
+            from .chat import chat
+
+            if args.study is None:
+                from .model import load_model
+
+                settings = load_settings(None, overrides)
+                chat(load_model(settings), settings.system_prompt, args.max_new_tokens)
+            else:
+                from .study import (
+                    choose_best,
+                    load_existing_study,
+                    settings_of,
+                    study_abliterator,
+                    trial_edit,
+                    trials_table,
+                )
+
+                study = load_existing_study(args.study, args.study_name)
+                settings = settings_of(study, overrides)
+                number = args.trial if args.trial is not None else choose_best(trials_table(study),
+                                                                                 settings.export_kl_limit)  # fmt: skip
+                if number is None:
+                    raise HereticError(f"study '{study.study_name}' has no completed trial to chat with")
+                edit, _ = trial_edit(study, number)
+                abliterator = study_abliterator(study, settings, list(edit.kernels))
+                abliterator.apply(edit)
+                print(f"Chatting with trial {number} of study '{study.study_name}'")
+
+                def switch(edited: bool) -> None:
+                    if edited:
+                        abliterator.apply(edit)
+                    else:
+                        abliterator.reset()
+
+                chat(abliterator.loaded, settings.system_prompt, args.max_new_tokens, switch)
         elif args.command == "evaluate":
             from .capability import evaluate_models
 

@@ -15,20 +15,11 @@ from pathlib import Path
 import optuna
 
 from . import __version__
-from .ablation import Abliterator, Edit, EditOptions
+from .ablation import Abliterator, Edit
 from .config import Settings
 from .errors import HereticError
-from .model import load_model, model_fingerprint
 from .reproduce import build_record, weight_hashes, write_record
-from .study import (
-    cached_geometry,
-    compute_geometry,
-    load_all_prompts,
-    long_refusals,
-    resolve_response_prefix,
-    study_file,
-    trial_edit,
-)
+from .study import long_refusals, study_abliterator, study_file, trial_edit
 
 
 def model_card(settings: Settings, study: optuna.Study, trial: optuna.trial.FrozenTrial, edit: Edit) -> str:
@@ -164,16 +155,7 @@ def export_trial(study: optuna.Study, settings: Settings, number: int, out_dir: 
     """Re-apply a finished trial and write it out; loads the model unless one is handed over."""
     edit, trial = trial_edit(study, number)
     if abliterator is None:
-        loaded = load_model(settings)
-        stored = study.user_attrs.get("model_fingerprint")
-        if stored is not None and stored != model_fingerprint(loaded.model):
-            raise HereticError(f"'{settings.model}' is not the model study '{study.study_name}' was run on")
-        geometry = cached_geometry(settings, loaded.num_layers)
-        if geometry is None:
-            batch = study.user_attrs.get("batch_size") or settings.batch_size or 8
-            prefix = resolve_response_prefix(settings, study)
-            geometry = compute_geometry(settings, loaded, load_all_prompts(settings), batch, False, prefix)
-        abliterator = Abliterator(loaded, list(edit.kernels), geometry, EditOptions.from_settings(settings))
+        abliterator = study_abliterator(study, settings, list(edit.kernels))
     out = Path(out_dir) if out_dir else default_export_dir(settings, number)
     card = model_card(settings, study, trial, edit)
     print(f"Exporting trial {number} ({settings.export_strategy}) to {out} ...", flush=True)

@@ -589,3 +589,18 @@ def trial_edit(study: optuna.Study, number: int) -> tuple[Edit, optuna.trial.Fro
     if not trials:
         raise HereticError(f"trial {number} is not a completed trial of study '{study.study_name}'")
     return Edit.from_dict(trials[0].user_attrs["edit"]), trials[0]
+
+
+def study_abliterator(study: optuna.Study, settings: Settings, components: list[str]) -> Abliterator:
+    """The study's model, checked against its fingerprint, ready to take the study's edits (for
+    export and chat after the run): directions from the cache, or measured as the run did."""
+    loaded = load_model(settings)
+    stored = study.user_attrs.get("model_fingerprint")
+    if stored is not None and stored != model_fingerprint(loaded.model):
+        raise HereticError(f"'{settings.model}' is not the model study '{study.study_name}' was run on")
+    geometry = cached_geometry(settings, loaded.num_layers)
+    if geometry is None:
+        batch = study.user_attrs.get("batch_size") or settings.batch_size or 8
+        prefix = resolve_response_prefix(settings, study)
+        geometry = compute_geometry(settings, loaded, load_all_prompts(settings), batch, False, prefix)
+    return Abliterator(loaded, components, geometry, EditOptions.from_settings(settings))
