@@ -21,7 +21,7 @@ from .directions import RefusalGeometry, cross_layer_cosine  # noqa: E402
 from .study import choose_best, pareto_front, trial_edit, trials_table  # noqa: E402
 
 ATTRS = ("refusals", "refusals_at_least", "kl_divergence", "kl_seconds", "generation_seconds", "tokens_generated",
-         "approximation_error", "row_norm_error")
+         "approximation_error", "row_norm_error", "marker_refusals", "marker_agreement", "worker")
 
 
 def all_trials_table(study: optuna.Study) -> pd.DataFrame:

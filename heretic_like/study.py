@@ -9,6 +9,7 @@ base refusal count, so a resume need not regenerate it. Directions are cached be
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from .prompts import load_prompts, prompts_fingerprint
 
 PROMPT_SETS = ("good_prompts", "bad_prompts", "good_evaluation_prompts", "bad_evaluation_prompts")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+WORKER = f"{socket.gethostname()}:{os.getpid()}"  # which process ran a trial (several may share a study)
 
 
 # ----------------------------------------------------------------------------- search space
@@ -113,9 +115,27 @@ def objectives(refusals: int, kl: float, base_refusals: int, scale: float, targe
 # ----------------------------------------------------------------------------- storage
 
 
-def _storage(url_or_path: str) -> optuna.storages.BaseStorage | str:
-    if "://" in url_or_path:
-        return url_or_path
+HEARTBEAT_S = 20  # RDB storages: a trial whose worker sent no heartbeat for 3x this is failed
+
+
+def is_shared_storage(url_or_path: str) -> bool:
+    """An Optuna RDB URL (postgresql://, mysql://, sqlite://): several workers may share it."""
+    return "://" in url_or_path
+
+
+def _storage(url_or_path: str) -> optuna.storages.BaseStorage:
+    """A journal file (one worker at a time), or an RDB storage with heartbeats, so that trials of
+    a worker that died are failed by the others instead of staying RUNNING for ever."""
+    if is_shared_storage(url_or_path):
+        try:
+            return optuna.storages.RDBStorage(url_or_path, engine_kwargs={"pool_pre_ping": True},
+                                              heartbeat_interval=HEARTBEAT_S, grace_period=3 * HEARTBEAT_S)  # fmt: skip
+        except ModuleNotFoundError as exc:
+            raise HereticError(f"storage {url_or_path.split('://')[0]}://...: missing driver '{exc.name}' "
+                               "(PostgreSQL: pip install psycopg2-binary)") from None  # fmt: skip
+        except Exception as exc:  # unreachable server, bad credentials, ...: one line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise HereticError(f"cannot open storage {url_or_path.split('@')[-1]}: {first}") from None
     path = Path(url_or_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
@@ -152,8 +172,11 @@ def open_study(settings: Settings) -> optuna.Study:
     """Create the study, or load it after checking it measures the same thing."""
     storage = _storage(settings.resolved_storage())
     name = settings.resolved_study_name()
+    seed = settings.seed
+    if seed is not None and is_shared_storage(settings.resolved_storage()):
+        seed += os.getpid()  # workers sharing a study must not all draw the same startup trials
     sampler = optuna.samplers.TPESampler(n_startup_trials=settings.n_startup_trials, multivariate=True,
-                                         seed=settings.seed)  # fmt: skip
+                                         seed=seed)  # fmt: skip
     # Our CLI reports failures itself; Optuna would also log a traceback for an interrupted trial.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     if name in optuna.study.get_all_study_names(storage):
@@ -170,9 +193,13 @@ def open_study(settings: Settings) -> optuna.Study:
                 "resume with the original settings or choose another study_name / study_checkpoint_dir"
             )
         return study
-    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler,
+    # load_if_exists: another worker may create the same study between our check and here.
+    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, load_if_exists=True,
                                 directions=["minimize", "minimize"])  # fmt: skip
-    _stamp(study, settings)
+    if study.user_attrs.get("identity") is None:
+        _stamp(study, settings)
+    elif _with_new_defaults(study.user_attrs["identity"]) != settings.study_identity():
+        return open_study(settings)  # created by a worker with other settings: refused above
     return study
 
 
@@ -207,8 +234,14 @@ def settings_of(study: optuna.Study, overrides: dict | None = None) -> Settings:
     return build_settings(data, f"study '{study.study_name}' config")
 
 
-def fail_stale_trials(study: optuna.Study) -> int:
-    """Trials left RUNNING by a killed process are marked FAIL (single-writer journal studies)."""
+def fail_stale_trials(study: optuna.Study, shared: bool = False) -> int:
+    """Trials left RUNNING by a killed process are marked FAIL. Journal studies have one worker,
+    so every RUNNING trial is stale; in a shared RDB study other workers' trials are running,
+    and Optuna's heartbeat fails only those whose worker went silent."""
+    if shared:
+        before = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+        optuna.storages.fail_stale_trials(study)
+        return len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))) - before
     stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for trial in stale:
         study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
@@ -453,7 +486,7 @@ def run_study(settings: Settings) -> StudyRun:
     prompts = load_all_prompts(settings)  # bad prompt files fail before the slow model load
     study = open_study(settings)
     check_prompt_fingerprints(study, prompts)
-    stale = fail_stale_trials(study)
+    stale = fail_stale_trials(study, is_shared_storage(settings.resolved_storage()))
     done = len(study.get_trials(deepcopy=False, states=FINISHED))
     if done:
         print(f"Resuming study '{study.study_name}': {done}/{settings.n_trials} trials done"
@@ -494,6 +527,7 @@ def run_study(settings: Settings) -> StudyRun:
             trial.set_user_attr("row_norm_error", round(stats.row_norm_error, 6))
         score = evaluator.score(f"trial {trial.number}", refusal_cap(trial.study) if settings.prune_dominated else None)
         trial.set_user_attr("edit", edit.to_dict())
+        trial.set_user_attr("worker", WORKER)
         trial.set_user_attr("kl_divergence", score.kl_divergence)
         trial.set_user_attr("kl_seconds", round(score.kl_seconds, 3))
         trial.set_user_attr("generation_seconds", round(score.generation_seconds, 3))
