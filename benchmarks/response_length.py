@@ -84,7 +84,8 @@ def main() -> None:
     lines = ["| model | response tokens | refusals (held-out HarmBench) | seconds | tokens generated |",
              "|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
-        lines.append(f"| {r['model']} | {r['length']} | {r['refusals']}/{r['prompts']} | {r['seconds']} | {r['tokens']} |")
+        lines.append(f"| {r['model']} | {r['length']} | {r['refusals']}/{r['prompts']} | {r['seconds']} "
+                     f"| {r['tokens']} |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
