@@ -54,8 +54,8 @@ def rank1_factors(weight: torch.Tensor, direction: torch.Tensor, strength: float
 
 def direct_edit(weight: torch.Tensor, direction: torch.Tensor, strength: float) -> torch.Tensor:
     """W - strength * r r^T W computed on the weight itself (a reference for tests)."""
-    r = direction.float()
     w = weight.float()
+    r = direction.float().to(w.device)
     return w - strength * torch.outer(r, r @ w)
 
 
