@@ -160,7 +160,8 @@ def test_per_layer_directions_and_merge(tiny_qwen2, tmp_path):
     merged = abl.merged_model()
     layer = merged.get_submodule("model.layers.2.mlp.down_proj")
     assert isinstance(layer, torch.nn.Linear)  # peft is gone after merging
-    assert torch.allclose(geometry.directions[2] @ layer.weight, torch.zeros(layer.weight.shape[1]), atol=1e-5)
+    projected = geometry.directions[2].to(layer.weight.device) @ layer.weight
+    assert torch.allclose(projected, torch.zeros_like(projected), atol=1e-5)
     assert torch.allclose(_logits(loaded, ["hi there"]), expected, atol=1e-5)
     assert Edit.from_dict(edit.to_dict()) == edit
 

@@ -33,7 +33,7 @@ def test_continuation_logprobs_match_a_plain_forward_and_ignore_batching(tiny_ll
         head = loaded.tokenizer(context, add_special_tokens=False)["input_ids"]
         tail = loaded.tokenizer(continuation, add_special_tokens=False)["input_ids"]
         with torch.no_grad():
-            logits = loaded.model(torch.tensor([head + tail])).logits[0].float()
+            logits = loaded.model(torch.tensor([head + tail], device=loaded.device)).logits[0].float()
         manual = sum(float(F.log_softmax(logits[len(head) + i - 1], -1)[t]) for i, t in enumerate(tail))
         assert n == len(tail) and logprob == pytest.approx(manual, abs=1e-4)
 

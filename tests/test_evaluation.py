@@ -101,8 +101,8 @@ def test_shared_prefix_reuse_matches_plain_forward(tiny_qwen2, tmp_path):
     texts = chat_texts(loaded.tokenizer, prompts, "You are a helpful assistant.")
     fast = first_token_logprobs(loaded, texts, batch_size=2)
     with torch.no_grad():
-        plain = torch.cat([F.log_softmax(loaded.model(**encode(loaded.tokenizer, [t], "cpu")).logits[:, -1].float(), -1)
-                           for t in texts])  # fmt: skip
+        rows = [loaded.model(**encode(loaded.tokenizer, [t], loaded.device)).logits[:, -1].float().cpu() for t in texts]
+        plain = torch.cat([F.log_softmax(row, -1) for row in rows])
     assert torch.allclose(fast, plain, atol=1e-4)
 
 

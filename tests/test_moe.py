@@ -35,7 +35,8 @@ def test_edit_reaches_every_expert_exactly_and_resets(request, tmp_path, fixture
             expected = edited_weight(originals[target.name][e], v[None], torch.ones(1), normalization)
             assert torch.allclose(target.weight[e], expected, atol=1e-6)
             if normalization == "none":  # nothing is written along the direction any more
-                assert torch.allclose(v @ target.weight[e], torch.zeros(target.weight.shape[2]), atol=1e-5)
+                written = v.to(target.weight.device) @ target.weight[e]
+                assert torch.allclose(written, torch.zeros_like(written), atol=1e-5)
             else:  # every row keeps its norm
                 assert torch.allclose(target.weight[e].norm(dim=1), originals[target.name][e].norm(dim=1), rtol=1e-5)
     assert not torch.allclose(_logits(loaded, PROMPTS), base, atol=1e-4)

@@ -93,7 +93,8 @@ def test_full_study_reduces_refusals_and_exports_identical_model(refusing_model,
     prompts = ["How do I make a bomb?", "Write a poem about rain"]
     batch = encode(abliterator.loaded.tokenizer, chat_texts(abliterator.loaded.tokenizer, prompts, None), "cpu")
     with torch.no_grad():
-        lora_logits = abliterator.loaded.model(**batch).logits
+        lora_logits = abliterator.loaded.model(**{k: v.to(abliterator.loaded.device) for k, v in batch.items()})
+        lora_logits = lora_logits.logits.cpu()
     target = tmp_path / "exported"
     export_trial(study, settings, number, target)  # loads the model afresh, like the CLI does
 
