@@ -143,7 +143,7 @@ def test_bad_prompt_file_fails_before_touching_the_study(tiny_llama, tmp_path, c
 def test_kill_nine_mid_study_then_resume(tiny_llama, tmp_path):
     # Many trials: pruned trials take milliseconds, so a short study could end before the signal.
     config = study_config(tmp_path, tiny_llama, n_trials=2000, max_response_length=24)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "heretic_like", "--config", str(config)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -201,7 +201,7 @@ def test_failed_first_run_does_not_block_the_corrected_one(tiny_llama, tmp_path,
 def test_ctrl_c_mid_study_exits_cleanly_then_resumes(tiny_llama, tmp_path):
     # Many trials: pruned trials take milliseconds, so a short study could end before the signal.
     config = study_config(tmp_path, tiny_llama, n_trials=2000, max_response_length=24)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "heretic_like", "--config", str(config)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_trials(proc, tmp_path, 1, "interrupted")
