@@ -203,11 +203,14 @@ def test_ctrl_c_mid_study_exits_cleanly_then_resumes(tiny_llama, tmp_path):
     config = study_config(tmp_path, tiny_llama, n_trials=2000, max_response_length=24)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "heretic_like", "--config", str(config)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_trials(proc, tmp_path, 1, "interrupted")
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
+    log = tmp_path / "stderr.log"  # a file, not a pipe: a full pipe would stall the child
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        _wait_for_trials(proc, tmp_path, 1, "interrupted")
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=180)
+    err = log.read_text()
+    assert proc.returncode == 130, err[-2000:]
     assert "interrupted: finished trials are saved" in err and "Traceback" not in err
     journal = _journal(tmp_path)
     done = _completed(journal)
