@@ -4,9 +4,10 @@ counted on the 100 held-out HarmBench behaviours at several response lengths.
     python benchmarks/response_length.py --study benchmarks/.cache/checkpoints/methods-plain.journal \
         --lengths 16 32 64 128 256 --out benchmarks/response-length
 
-Rows stop at their first marker, so a longer budget only costs the responses that keep
-complying; the table gives refusals, wall time and tokens generated per length. Writes
-`OUT/summary.json` and `OUT/summary.md`.
+One greedy pass at the longest length serves every length: greedy decoding makes the first L
+tokens of a long response exactly the L-token response, so each shorter count is read off the
+prefixes. Rows stop at their first marker (their verdict cannot change after it), so the pass
+costs what the longest count alone costs. Writes `OUT/summary.json` and `OUT/summary.md`.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import StoppingCriteriaList
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.qwen_benchmark import harmbench_prompts  # noqa: E402
 from heretic_like import evaluation  # noqa: E402
-from heretic_like.model import chat_texts  # noqa: E402
+from heretic_like.model import chat_texts, encode  # noqa: E402
 from heretic_like.study import (  # noqa: E402
     choose_best,
     load_existing_study,
@@ -54,20 +56,34 @@ def main() -> None:
     loaded = abliterator.loaded
     prompts = harmbench_prompts(ROOT / "benchmarks" / ".cache", args.heldout)
     texts = chat_texts(loaded.tokenizer, prompts, settings.system_prompt)
+    detector = evaluation.MarkerDetector(tuple(settings.refusal_markers))
+    longest = max(args.lengths)
     rows = []
     for which in ("unedited", f"trial {number}"):
         if which == "unedited":
             abliterator.reset()
         else:
             abliterator.apply(edit)
+        started = time.perf_counter()
+        verdicts = {length: 0 for length in args.lengths}
+        tokens = 0
+        for start in range(0, len(texts), args.batch_size):
+            batch = encode(loaded.tokenizer, texts[start : start + args.batch_size], loaded.device)
+            width = batch["input_ids"].shape[1]
+            stop = StoppingCriteriaList([evaluation.StopAtMarker(loaded.tokenizer, width, detector, True, None)])
+            with torch.inference_mode():
+                output = loaded.model.generate(**batch, max_new_tokens=longest, do_sample=False, temperature=None,
+                                               top_p=None, top_k=None, pad_token_id=loaded.tokenizer.pad_token_id,
+                                               stopping_criteria=stop)[:, width:]  # fmt: skip
+            tokens += int((output != loaded.tokenizer.pad_token_id).sum())
+            for row in output:
+                for length in args.lengths:
+                    verdicts[length] += detector(loaded.tokenizer.decode(row[:length], skip_special_tokens=True))
+        seconds = time.perf_counter() - started
         for length in args.lengths:
-            started = time.perf_counter()
-            refused, _, tokens = evaluation.count_refusals(loaded, texts, length, args.batch_size,
-                                                           settings.refusal_markers)  # fmt: skip
-            seconds = time.perf_counter() - started
-            rows.append({"model": which, "length": length, "refusals": refused, "prompts": len(prompts),
-                         "seconds": round(seconds, 1), "tokens": tokens})  # fmt: skip
-            print(rows[-1], flush=True)
+            rows.append({"model": which, "length": length, "refusals": verdicts[length], "prompts": len(prompts)})
+        print(which, verdicts, f"{seconds:.0f} s, {tokens} tokens", flush=True)
+        rows[-1].update({"seconds_for_all_lengths": round(seconds, 1), "tokens": tokens})
     summary = {
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
         "command": " ".join(sys.argv),
@@ -81,11 +97,11 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    lines = ["| model | response tokens | refusals (held-out HarmBench) | seconds | tokens generated |",
-             "|---|---|---|---|---|"]  # fmt: skip
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['length']} | {r['refusals']}/{r['prompts']} | {r['seconds']} "
-                     f"| {r['tokens']} |")
+    lines = ["| response tokens | " + " | ".join(dict.fromkeys(r["model"] for r in rows)) + " |",
+             "|---|" + "---|" * len(dict.fromkeys(r["model"] for r in rows))]  # fmt: skip
+    for length in args.lengths:
+        counts = [f"{r['refusals']}/{r['prompts']}" for r in rows if r["length"] == length]
+        lines.append(f"| {length} | " + " | ".join(counts) + " |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
