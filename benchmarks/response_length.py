@@ -58,6 +58,29 @@ def main() -> None:
     texts = chat_texts(loaded.tokenizer, prompts, settings.system_prompt)
     detector = evaluation.MarkerDetector(tuple(settings.refusal_markers))
     longest = max(args.lengths)
+
+    def write() -> None:  # after each pass, so an interrupted run keeps what it measured
+        summary = {
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+            "command": " ".join(sys.argv),
+            "study": study.study_name,
+            "trial": number,
+            "study_response_length": settings.max_response_length,
+            "trial_study_refusals": f"{trial.user_attrs['refusals']}/{study.user_attrs['n_harmful_eval']}",
+            "kl_divergence": trial.user_attrs["kl_divergence"],
+            "rows": rows,
+        }
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        lines = ["| response tokens | " + " | ".join(dict.fromkeys(r["model"] for r in rows)) + " |",
+                 "|---|" + "---|" * len(dict.fromkeys(r["model"] for r in rows))]  # fmt: skip
+        for length in args.lengths:
+            counts = [f"{r['refusals']}/{r['prompts']}" for r in rows if r["length"] == length]
+            lines.append(f"| {length} | " + " | ".join(counts) + " |")
+        (out / "summary.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+
     rows = []
     for which in ("unedited", f"trial {number}"):
         if which == "unedited":
@@ -84,26 +107,7 @@ def main() -> None:
             rows.append({"model": which, "length": length, "refusals": verdicts[length], "prompts": len(prompts)})
         print(which, verdicts, f"{seconds:.0f} s, {tokens} tokens", flush=True)
         rows[-1].update({"seconds_for_all_lengths": round(seconds, 1), "tokens": tokens})
-    summary = {
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
-        "command": " ".join(sys.argv),
-        "study": study.study_name,
-        "trial": number,
-        "study_response_length": settings.max_response_length,
-        "trial_study_refusals": f"{trial.user_attrs['refusals']}/{study.user_attrs['n_harmful_eval']}",
-        "kl_divergence": trial.user_attrs["kl_divergence"],
-        "rows": rows,
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    lines = ["| response tokens | " + " | ".join(dict.fromkeys(r["model"] for r in rows)) + " |",
-             "|---|" + "---|" * len(dict.fromkeys(r["model"] for r in rows))]  # fmt: skip
-    for length in args.lengths:
-        counts = [f"{r['refusals']}/{r['prompts']}" for r in rows if r["length"] == length]
-        lines.append(f"| {length} | " + " | ".join(counts) + " |")
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        write()
 
 
 if __name__ == "__main__":
