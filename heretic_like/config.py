@@ -80,6 +80,11 @@ class SearchSpace(_Strict):
     top_quality_layers: int = Field(0, ge=0)
     seed_best_layer: bool = False
 
+    @property
+    def layer_window(self) -> tuple[float, float]:
+        """Where "best_layer" and `top_quality_layers` look: the `direction_index` range."""
+        return (self.direction_index.low, self.direction_index.high)
+
     @model_validator(mode="after")
     def _bounds(self) -> SearchSpace:
         for name in ("direction_index", "max_weight_position", "min_weight", "min_weight_distance",

@@ -80,15 +80,18 @@ def plot_kernels(edit: Edit, num_layers: int, number: int, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_layer_metrics(geometry: RefusalGeometry, path: Path, title: str) -> None:
-    """Left: SNR, cosine dissimilarity and quality per layer (best layer marked); right: the
-    cosine between every pair of layers' directions."""
+def plot_layer_metrics(geometry: RefusalGeometry, path: Path, title: str,
+                       window: tuple[float, float] = (0.0, 1.0)) -> None:  # fmt: skip
+    """Left: SNR, cosine dissimilarity and quality per layer (the searched window shaded, its best
+    layer marked); right: the cosine between every pair of layers' directions."""
     table = geometry.metrics()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1.4, 1]})
     left.plot(table["layer"], table["snr"], marker="o", ms=3, label="SNR = |r| / max(|mu_harmful|, |mu_harmless|)")
     left.plot(table["layer"], 1 - table["cosine"], marker="o", ms=3, label="1 - cos(mu_harmful, mu_harmless)")
     left.plot(table["layer"], table["quality"], marker="o", ms=3, lw=2, label="quality = SNR x (1 - cos)")
-    best = geometry.best_layer()
+    best, last = geometry.best_layer(window), max(geometry.num_layers - 1, 1)
+    if window != (0.0, 1.0):
+        left.axvspan(window[0] * last, window[1] * last, color="0.9", label="search.direction_index window")
     left.axvline(best, ls=":", c="0.3", label=f"best layer ({best})")
     left.set_xlabel("layer")
     left.set_title("Refusal direction quality per layer")
@@ -167,7 +170,7 @@ def write_report(study: optuna.Study, settings: Settings, out_dir: str | Path, t
     if geometry is not None:
         written += [out / "layers.csv", out / "layers.png"]
         geometry.metrics().to_csv(written[-2], index=False)
-        plot_layer_metrics(geometry, written[-1], f"Layer metrics: {settings.model}")
+        plot_layer_metrics(geometry, written[-1], f"Layer metrics: {settings.model}", settings.search.layer_window)
     if residuals:
         from .directions import collect_residuals
         from .model import load_model

@@ -55,9 +55,9 @@ def sample_edit(trial: optuna.Trial, space: SearchSpace, geometry: RefusalGeomet
         scope = trial.suggest_categorical("direction_scope", space.direction_scope)
     index = None
     if scope == "best_layer":
-        index = float(geometry.best_layer())
+        index = float(geometry.best_layer(space.layer_window))
     elif scope == "global" and space.top_quality_layers:
-        layers = sorted(geometry.top_layers(space.top_quality_layers))
+        layers = sorted(geometry.top_layers(space.top_quality_layers, space.layer_window))
         index = float(trial.suggest_categorical("direction_layer", layers))
     elif scope == "global":
         index = trial.suggest_float("direction_index", space.direction_index.low * last,
@@ -82,7 +82,7 @@ def best_layer_seed(space: SearchSpace, geometry: RefusalGeometry) -> dict[str, 
     """Parameters of a first trial aimed by the layer metrics: the best-quality layer's direction,
     every kernel peaking there (each clamped into the search range)."""
     last = max(geometry.num_layers - 1, 1)
-    best = float(geometry.best_layer())
+    best = float(geometry.best_layer(space.layer_window))
 
     def clamp(value: float, rng) -> float:
         return min(max(value, rng.low * last), rng.high * last)
@@ -306,10 +306,12 @@ def compute_geometry(settings: Settings, loaded: LoadedModel, prompts: dict[str,
 
         table = geometry.metrics()
         table.to_csv(study_file(settings, ".layers.csv"), index=False)
-        plot_layer_metrics(geometry, study_file(settings, ".layers.png"), settings.model)
+        plot_layer_metrics(geometry, study_file(settings, ".layers.png"), settings.model,
+                           settings.search.layer_window)
         if settings.print_residual_geometry:
             print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-        print(f"Best layer by quality (snr x (1 - cos)): {geometry.best_layer()}; "
+        print(f"Best layer by quality (snr x (1 - cos)) within search.direction_index: "
+              f"{geometry.best_layer(settings.search.layer_window)} (all layers: {geometry.best_layer()}); "
               f"metrics in {study_file(settings, '.layers.csv')}")  # fmt: skip
     return geometry
 

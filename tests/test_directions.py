@@ -157,6 +157,18 @@ def test_measure_round_trips_and_picks_the_best_layer():
     assert torch.isnan(measure(bad, good).entanglement).all()
 
 
+def test_best_layer_looks_only_inside_the_window():
+    bad, good = _planted(layers=11)
+    for layer, shift in ((10, 30.0), (6, 12.0), (3, 20.0)):
+        bad[:, layer, 0] += shift  # quality peaks at the last layer, then layer 3, then layer 6
+    geometry = measure(bad, good)
+    assert geometry.best_layer() == 10
+    assert geometry.best_layer((0.4, 0.9)) == 6  # layers 4..9: the last layer and layer 3 are outside
+    assert geometry.candidate_layers((0.4, 0.9)) == [4, 5, 6, 7, 8, 9]
+    assert geometry.top_layers(2, (0.0, 0.9))[:2] == [3, 6]
+    assert geometry.candidate_layers((0.33, 0.34)) == [3]  # no layer inside: the nearest one
+
+
 def test_collected_residuals_do_not_depend_on_padding(tiny_llama, tmp_path):
     loaded = load_model(settings_for(tiny_llama, tmp_path))
     prompts = ["short", "a much longer prompt with many more words in it"]

@@ -238,8 +238,10 @@ def test_study_with_norm_preserving_multi_direction_biprojected_edits(tiny_llama
     assert len(layers) == 4 and {"snr", "cosine", "quality", "fisher", "entanglement"} <= set(layers.columns)
     assert (tmp_path / "checkpoints" / "tiny-llama0.layers.png").stat().st_size > 0
     study = load_existing_study(str(_journal(tmp_path)), None)
-    first = study.trials[0]  # the enqueued seed: aimed at the best-quality layer
-    best = int(layers["quality"].idxmax())
+    first = study.trials[0]  # the enqueued seed: aimed at the best-quality layer within direction_index
+    window = layers[(layers["layer"] >= 0.4 * 3) & (layers["layer"] <= 0.9 * 3)]  # the default range
+    best = int(window["quality"].idxmax())
+    assert f"direction_index: {best} (all layers: {int(layers['quality'].idxmax())})" in out
     assert first.params.get("direction_layer", best) == best
     finished = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert finished and all(0 <= t.user_attrs["approximation_error"] < 1 for t in finished)
