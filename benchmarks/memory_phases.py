@@ -101,6 +101,7 @@ def main() -> None:
     if args.out:
         Path(args.out).write_text(json.dumps({"command": " ".join(sys.argv), "weights_gib": footprint,
                                               "phases": rows}, indent=2))  # fmt: skip
+        geometry.metrics().to_csv(Path(args.out).with_suffix(".layers.csv"), index=False)  # measured on the way
 
 
 if __name__ == "__main__":

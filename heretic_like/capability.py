@@ -149,7 +149,7 @@ LABELS = {
 def evaluate_capabilities(loaded: LoadedModel, settings, batch_size: int, response_prefix: str = "",
                           edgy: list[str] | None = None) -> dict[str, float]:  # fmt: skip
     """Every capability metric for whatever edit is currently applied to `loaded`."""
-    tags = tuple(map(tuple, settings.thinking_tags))
+    tags = settings.tags
     metrics = choice_scores(loaded, choice_questions(), settings.system_prompt, batch_size, response_prefix)
     metrics |= task_scores(loaded, free_form_tasks(), settings.system_prompt, batch_size, response_prefix, tags)
     if edgy:
@@ -248,7 +248,7 @@ def evaluate_models(settings, compare: str, out_dir: str | Path | None = None) -
     require_lm_eval(settings)
     edgy = _edgy(settings)
     batch = settings.batch_size or 8
-    prefix = "" if settings.response_prefix == "auto" else settings.response_prefix
+    prefix = None if settings.response_prefix == "auto" else settings.response_prefix
     results = []
     for which in ("base", "edited"):
         if which == "edited" and (Path(compare) / "adapter_config.json").is_file():
@@ -259,6 +259,10 @@ def evaluate_models(settings, compare: str, out_dir: str | Path | None = None) -
         else:
             loaded = load_model(settings if which == "base" else settings.model_copy(update={"model": compare,
                                                                                             "gguf_file": None}))
+        if prefix is None:  # "auto": detected once, on the base model, and used for both
+            from .study import load_all_prompts, sniff_response_prefix
+
+            prefix = sniff_response_prefix(settings, loaded, load_all_prompts(settings), batch)
         print(f"Evaluating {which} model ({settings.model if which == 'base' else compare}) ...", flush=True)
         results.append(evaluate_capabilities(loaded, settings, batch, prefix, edgy))
         del loaded

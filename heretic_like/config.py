@@ -202,6 +202,11 @@ class Settings(_Strict):
         "bad_evaluation_prompts", "capability_prompts",
     )  # fmt: skip
 
+    @property
+    def tags(self) -> tuple[tuple[str, str], ...]:
+        """`thinking_tags` as hashable pairs (TOML gives lists)."""
+        return tuple((opener, closer) for opener, closer in self.thinking_tags)
+
     def study_identity(self) -> dict[str, Any]:
         """The config subset a study's results depend on (JSON-ready)."""
         data = self.model_dump(mode="json")

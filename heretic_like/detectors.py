@@ -168,7 +168,7 @@ def agreement(a: list[bool], b: list[bool]) -> dict[str, float]:
 
 def build_detector(settings, loaded, batch_size: int, prefix: str = ""):
     """The detector the config asks for (markers, the model as judge, or an endpoint)."""
-    tags = tuple(map(tuple, settings.thinking_tags))
+    tags = settings.tags
     if settings.refusal_detector == "markers":
         return MarkerDetector(tuple(settings.refusal_markers), prefix, tags)
     if settings.refusal_detector == "endpoint":

@@ -1,7 +1,7 @@
 """Refusal directions from residual activations (pure tensor maths plus one collection pass).
 
-Layer i's direction is measured at the output of decoder layer i (hidden_states[i + 1]), at the
-last prompt token: that is the stream the edits of layer i's o_proj and down_proj write into.
+Layer i's direction is measured at the output of decoder layer i, at the last prompt token: that
+is the stream the edits of layer i's o_proj and down_proj write into.
 """
 
 from __future__ import annotations
@@ -22,13 +22,33 @@ def collect_residuals(
     response_prefix: str = "",
 ) -> torch.Tensor:
     """(n_prompts, n_layers, d_model) fp32 residuals at the last prompt token (that is, after the
-    response prefix, where the answer begins), on the CPU."""
+    response prefix, where the answer begins), on the CPU.
+
+    Read by forward hooks on the decoder layers, one position each: `output_hidden_states` would
+    keep every position of every layer (the biggest activation peak of a run), and its last entry
+    is the *final-norm* output, not what the last layer's edits write into the residual stream.
+    """
     texts = chat_texts(loaded.tokenizer, prompts, system_prompt, response_prefix)
+    layers = loaded.model.get_submodule(loaded.layers_path)
+    seen: list[torch.Tensor | None] = [None] * len(layers)
+
+    def keeper(index: int):
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            seen[index] = hidden[:, -1, :].float().cpu()
+
+        return hook
+
+    handles = [layer.register_forward_hook(keeper(i)) for i, layer in enumerate(layers)]
     out = []
-    for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", leave=False):
-        batch = encode(loaded.tokenizer, texts[start : start + batch_size], loaded.device)
-        hidden = loaded.model(**batch, output_hidden_states=True, use_cache=False, logits_to_keep=1).hidden_states
-        out.append(torch.stack([h[:, -1, :].float().cpu() for h in hidden[1:]], dim=1))
+    try:
+        for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", leave=False):
+            batch = encode(loaded.tokenizer, texts[start : start + batch_size], loaded.device)
+            loaded.model(**batch, use_cache=False, logits_to_keep=1)
+            out.append(torch.stack(seen, dim=1))
+    finally:
+        for handle in handles:
+            handle.remove()
     return torch.cat(out)
 
 

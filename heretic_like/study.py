@@ -260,13 +260,19 @@ def directions_path(settings: Settings) -> Path:
     return study_file(settings, ".directions.pt")
 
 
+# Bumped when the measurement itself changes (2: the last layer read before the final norm), so
+# directions cached by older code are measured again rather than mixed with new ones.
+GEOMETRY_VERSION = 2
+
+
 def cached_geometry(settings: Settings, num_layers: int) -> RefusalGeometry | None:
     """The measurements saved by an earlier run of the same study, if they still apply."""
     path = directions_path(settings)
     if not path.is_file():
         return None
     cached = torch.load(path, weights_only=True)
-    if cached.get("fingerprint") != settings.study_fingerprint() or "geometry" not in cached:
+    if (cached.get("fingerprint") != settings.study_fingerprint() or "geometry" not in cached
+            or cached.get("version", 1) != GEOMETRY_VERSION):  # fmt: skip
         return None
     geometry = RefusalGeometry.from_dict(cached["geometry"])
     return geometry if geometry.num_layers == num_layers else None
@@ -299,7 +305,8 @@ def compute_geometry(settings: Settings, loaded: LoadedModel, prompts: dict[str,
         path = directions_path(settings)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        torch.save({"fingerprint": settings.study_fingerprint(), "geometry": geometry.to_dict()}, tmp)
+        torch.save({"fingerprint": settings.study_fingerprint(), "version": GEOMETRY_VERSION,
+                    "geometry": geometry.to_dict()}, tmp)  # fmt: skip
         tmp.replace(path)
     if verbose:
         from .report import plot_layer_metrics
@@ -389,11 +396,19 @@ def resolve_response_prefix(settings: Settings, study: optuna.Study, loaded: Loa
     stored = study.user_attrs.get("response_prefix")
     if stored is not None or loaded is None or prompts is None:
         return stored or ""
+    prefix = sniff_response_prefix(settings, loaded, prompts, batch_size)
+    study.set_user_attr("response_prefix", prefix)
+    return prefix
+
+
+def sniff_response_prefix(settings: Settings, loaded: LoadedModel, prompts: dict[str, list[str] | None],
+                          batch_size: int = 8) -> str:  # fmt: skip
+    """`response_prefix = "auto"`: the thinking block the unedited model opens its answers with
+    (4 harmful + 4 harmless evaluation prompts, 16 tokens each), or ""."""
     sample = prompts["bad_evaluation_prompts"][:4] + prompts["good_evaluation_prompts"][:4]
     texts = chat_texts(loaded.tokenizer, sample, settings.system_prompt)
     responses = generate(loaded, texts, 16, batch_size)
-    prefix = detect_response_prefix(responses, settings.thinking_tags, texts[0])
-    study.set_user_attr("response_prefix", prefix)
+    prefix = detect_response_prefix(responses, settings.tags, texts[0])
     if prefix:
         print(f"The model opens its answers with a thinking block: measuring after {prefix!r}")
     elif os.path.commonprefix(responses).strip():
@@ -467,7 +482,7 @@ def refusal_cap(study: optuna.Study):
 def markers_of(settings: Settings, evaluator: Evaluator) -> MarkerDetector:
     """The marker detector, to compare another detector's verdicts with."""
     prefix = getattr(evaluator.detector, "prefix", "")
-    return MarkerDetector(tuple(settings.refusal_markers), prefix, tuple(map(tuple, settings.thinking_tags)))
+    return MarkerDetector(tuple(settings.refusal_markers), prefix, settings.tags)
 
 
 @dataclass

@@ -103,3 +103,13 @@ def test_lm_eval_tasks_without_the_package_fail_in_one_line(tiny_llama, tmp_path
                  "--lm-eval-tasks", '["arc_easy"]', "--out", str(tmp_path / "o")]) == 2  # fmt: skip
     err = capsys.readouterr().err
     assert err.startswith("error: lm_eval_tasks need the lm-eval package") and len(err.strip().splitlines()) == 1
+
+
+def test_evaluate_detects_a_reasoning_models_thinking_block(thinking_model, tmp_path, capsys):
+    from tests.conftest import THINKING
+
+    args = ["evaluate", "--model", str(thinking_model), "--compare", str(thinking_model), "--dtypes", '["float32"]']
+    assert main([*args, "--out", str(tmp_path / "auto")]) == 0
+    assert f"measuring after {THINKING!r}" in capsys.readouterr().out  # "auto" is detected here too
+    assert main([*args, "--response-prefix", '""', "--out", str(tmp_path / "none")]) == 0
+    assert "measuring after" not in capsys.readouterr().out

@@ -176,3 +176,18 @@ def test_collected_residuals_do_not_depend_on_padding(tiny_llama, tmp_path):
     single = torch.cat([collect_residuals(loaded, [p], "sys", batch_size=1) for p in prompts])
     assert batched.shape == (2, loaded.num_layers, 64)
     assert torch.allclose(batched, single, atol=1e-4)
+
+
+def test_residuals_are_the_layer_outputs_before_the_final_norm(tiny_llama, tmp_path):
+    from heretic_like.model import chat_texts, encode
+
+    loaded = load_model(settings_for(tiny_llama, tmp_path))
+    collected = collect_residuals(loaded, ["a prompt"], "sys", batch_size=1)[0]
+    batch = encode(loaded.tokenizer, chat_texts(loaded.tokenizer, ["a prompt"], "sys"), loaded.device)
+    with torch.no_grad():
+        hidden = loaded.model(**batch, output_hidden_states=True).hidden_states
+    assert torch.allclose(collected[:-1], torch.stack([h[0, -1] for h in hidden[1:-1]]).float(), atol=1e-5)
+    # transformers' last hidden state is the final norm's output; ours is what the last layer wrote
+    assert not torch.allclose(collected[-1], hidden[-1][0, -1].float(), atol=1e-3)
+    with torch.no_grad():
+        assert torch.allclose(loaded.model.model.norm(collected[-1]), hidden[-1][0, -1].float(), atol=1e-5)
