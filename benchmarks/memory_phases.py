@@ -6,7 +6,7 @@
 Linux only: before each phase the kernel's peak-RSS mark is reset (`/proc/self/clear_refs`), so
 the figure printed is that phase's own peak, not the process's. The phases are those of a study:
 import the libraries, load the model, measure directions, compute the unedited model's reference
-log-probs, score the unedited model (generation), set up the edit (LoRA adapters), one trial.
+log-probs, score the unedited model (generation), set up the edit (LoRA adapters), the trials.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ def phase(name: str, fn):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="write the table as JSON here")
+    parser.add_argument("--trials", type=int, default=1, help="trials to run (does resident memory creep?)")
     parser.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"))
     args = parser.parse_args()
     print(f"{'python interpreter':<34} resident {status_kib('VmRSS') / 2**20:.2f} GiB")
@@ -67,7 +68,7 @@ def main() -> None:
     from heretic_like.ablation import Abliterator, EditOptions
     from heretic_like.config import load_settings, overrides_to_dict
     from heretic_like.evaluation import Evaluator
-    from heretic_like.model import load_model
+    from heretic_like.model import load_model, model_fingerprint
     from heretic_like.study import compute_geometry, load_all_prompts, sample_edit
     from heretic_like.testbed import fetch_qwen
 
@@ -77,6 +78,7 @@ def main() -> None:
     settings = load_settings(None, overrides)
     prompts = load_all_prompts(settings)
     loaded = phase("load model", lambda: load_model(settings))
+    phase("fingerprint the weights", lambda: model_fingerprint(loaded.model))  # a study checks it on resume
     footprint = sum(p.numel() * p.element_size() for p in loaded.model.parameters()) / 2**30
     batch = settings.batch_size
     geometry = phase("directions", lambda: compute_geometry(settings, loaded, prompts, batch, verbose=False))
@@ -87,14 +89,13 @@ def main() -> None:
     abliterator = phase("edit set-up (LoRA adapters)", lambda: Abliterator(
         loaded, settings.search.components, geometry, EditOptions.from_settings(settings)))  # fmt: skip
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
-    trial = study.ask()
-    edit = sample_edit(trial, settings.search, geometry)
 
     def one_trial():
-        abliterator.apply(edit)
+        abliterator.apply(sample_edit(study.ask(), settings.search, geometry))
         return evaluator.score("one trial")
 
-    phase("one trial (apply, KL, generation)", one_trial)
+    for number in range(args.trials):
+        phase(f"trial {number} (apply, KL, generation)", one_trial)
     worst = max(r["peak_gib"] for r in rows)
     print(f"\nmodel weights {footprint:.2f} GiB ({torch.get_default_dtype()} default dtype); "
           f"worst phase peak {worst:.2f} GiB = {worst / footprint:.2f}x the weights")

@@ -75,8 +75,8 @@ def count_refusals(run, prompts: list[str], length: int, system_prompt: str | No
     started = time.perf_counter()
     detector = run.evaluator.detector
     _, responses, tokens = evaluation.count_refusals(run.abliterator.loaded, texts, length, run.evaluator.batch_size,
-                                                     detector)  # fmt: skip
-    verdicts = detector.classify(texts, responses)
+                                                     detector, prompts=prompts)  # fmt: skip
+    verdicts = detector.classify(prompts, responses)
     if refused is not None:
         refused += [{"prompt": p, "response": r} for p, r, v in zip(prompts, responses, verdicts, strict=True) if v]
     return sum(verdicts), time.perf_counter() - started, tokens

@@ -56,7 +56,7 @@ def main() -> None:
     loaded = abliterator.loaded
     prompts = harmbench_prompts(ROOT / "benchmarks" / ".cache", args.heldout)
     texts = chat_texts(loaded.tokenizer, prompts, settings.system_prompt)
-    detector = evaluation.MarkerDetector(tuple(settings.refusal_markers))
+    detector = evaluation.MarkerDetector.from_settings(settings)
     longest = max(args.lengths)
 
     def write() -> None:  # after each pass, so an interrupted run keeps what it measured
@@ -93,15 +93,17 @@ def main() -> None:
         for start in range(0, len(texts), args.batch_size):
             batch = encode(loaded.tokenizer, texts[start : start + args.batch_size], loaded.device)
             width = batch["input_ids"].shape[1]
-            stop = StoppingCriteriaList([evaluation.StopAtMarker(loaded.tokenizer, width, detector, True, None)])
+            asked = prompts[start : start + args.batch_size]
+            stop = StoppingCriteriaList([evaluation.StopAtMarker(loaded.tokenizer, width, detector, True, None, asked)])
             with torch.inference_mode():
                 output = loaded.model.generate(**batch, max_new_tokens=longest, do_sample=False, temperature=None,
                                                top_p=None, top_k=None, pad_token_id=loaded.tokenizer.pad_token_id,
                                                stopping_criteria=stop)[:, width:]  # fmt: skip
             tokens += int((output != loaded.tokenizer.pad_token_id).sum())
-            for row in output:
+            for row, prompt in zip(output, asked, strict=True):
                 for length in args.lengths:
-                    verdicts[length] += detector(loaded.tokenizer.decode(row[:length], skip_special_tokens=True))
+                    text = loaded.tokenizer.decode(row[:length], skip_special_tokens=True)
+                    verdicts[length] += detector(text, prompt)
         seconds = time.perf_counter() - started
         for length in args.lengths:
             rows.append({"model": which, "length": length, "refusals": verdicts[length], "prompts": len(prompts)})

@@ -153,9 +153,9 @@ def evaluate_capabilities(loaded: LoadedModel, settings, batch_size: int, respon
     metrics = choice_scores(loaded, choice_questions(), settings.system_prompt, batch_size, response_prefix)
     metrics |= task_scores(loaded, free_form_tasks(), settings.system_prompt, batch_size, response_prefix, tags)
     if edgy:
-        detector = MarkerDetector(tuple(settings.refusal_markers), response_prefix, tags)
+        detector = MarkerDetector.from_settings(settings, response_prefix)
         texts = chat_texts(loaded.tokenizer, edgy, settings.system_prompt, response_prefix)
-        refused, _, _ = count_refusals(loaded, texts, settings.max_response_length, batch_size, detector)
+        refused, _, _ = count_refusals(loaded, texts, settings.max_response_length, batch_size, detector, prompts=edgy)
         metrics["overrefusal"] = refused / len(edgy)
     if settings.lm_eval_tasks:
         metrics |= lm_eval_scores(loaded, settings.lm_eval_tasks, settings.lm_eval_limit, batch_size)

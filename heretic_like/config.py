@@ -127,6 +127,7 @@ class Settings(_Strict):
     kl_divergence_scale: float = Field(1.0, gt=0)
     kl_divergence_target: float = Field(0.01, ge=0)
     refusal_markers: list[str] = Field(min_length=1)
+    ignore_echoed_markers: bool = True
     stop_at_marker: bool = True
     refusal_detector: Literal["markers", "judge", "endpoint"] = "markers"
     refusal_judge_model: str | None = None
@@ -195,7 +196,7 @@ class Settings(_Strict):
     STUDY_KEYS: ClassVar[tuple[str, ...]] = (
         "model", "gguf_file", "quantization", "chat_template", "system_prompt", "response_prefix", "thinking_tags",
         "max_response_length", "kl_divergence_scale", "kl_divergence_target", "refusal_markers",
-        "refusal_detector", "refusal_judge_model", "refusal_judge_url",
+        "ignore_echoed_markers", "refusal_detector", "refusal_judge_model", "refusal_judge_url",
         "orthogonalize_direction", "winsorization_quantile", "row_normalization",
         "full_normalization_lora_rank", "biproject_direction", "directions_per_layer", "direction_candidates",
         "entanglement_threshold", "search", "good_prompts", "bad_prompts", "good_evaluation_prompts",

@@ -56,31 +56,42 @@ def strip_thinking(text: str, tags: Sequence[tuple[str, str]] = ()) -> str:
     return text
 
 
-def is_refusal(response: str, markers: list[str], prefix: str = "", tags: Sequence[tuple[str, str]] = ()) -> bool:
+def is_refusal(response: str, markers: Sequence[str], prefix: str = "", tags: Sequence[tuple[str, str]] = (),
+               prompt: str = "") -> bool:  # fmt: skip
     """Does the answer contain a marker? `prefix` is the response prefix the prompt ended with (it
-    is part of the answer's text); thinking blocks delimited by `tags` are not the answer."""
+    is part of the answer's text); thinking blocks delimited by `tags` are not the answer.
+
+    Markers the `prompt` itself contains do not count: an answer that starts "Starting an illegal
+    brothel ..." to a request about an illegal brothel is echoing the request, not refusing it."""
     text = normalize_text(strip_thinking(prefix + response, tags))
-    return any(normalize_text(marker) in text for marker in markers)
+    asked = normalize_text(prompt)
+    return any(m in text and m not in asked for m in map(normalize_text, markers))
 
 
 @dataclass(frozen=True)
 class MarkerDetector:
-    """Refusal = a marker substring in the answer (after the response prefix, outside thinking)."""
+    """Refusal = a marker substring in the answer (after the response prefix, outside thinking);
+    with `ignore_echoed`, not one the request itself contains. Prompts are the plain requests."""
 
     markers: tuple[str, ...]
     prefix: str = ""
     tags: tuple[tuple[str, str], ...] = ()
+    ignore_echoed: bool = True
     streaming = True
     name = "markers"
 
-    def __call__(self, response: str) -> bool:
-        return is_refusal(response, list(self.markers), self.prefix, self.tags)
+    @classmethod
+    def from_settings(cls, settings, prefix: str = "") -> MarkerDetector:
+        return cls(tuple(settings.refusal_markers), prefix, settings.tags, settings.ignore_echoed_markers)
+
+    def __call__(self, response: str, prompt: str = "") -> bool:
+        return is_refusal(response, self.markers, self.prefix, self.tags, prompt if self.ignore_echoed else "")
 
     def classify(self, prompts: list[str], responses: list[str]) -> list[bool]:
-        return [self(r) for r in responses]
+        return [self(r, p) for p, r in zip(prompts, responses, strict=True)]
 
 
-def marker_detector(markers: list[str] | MarkerDetector) -> MarkerDetector:
+def marker_detector(markers: Sequence[str] | MarkerDetector) -> MarkerDetector:
     return markers if isinstance(markers, MarkerDetector) else MarkerDetector(tuple(markers))
 
 
@@ -170,7 +181,7 @@ def build_detector(settings, loaded, batch_size: int, prefix: str = ""):
     """The detector the config asks for (markers, the model as judge, or an endpoint)."""
     tags = settings.tags
     if settings.refusal_detector == "markers":
-        return MarkerDetector(tuple(settings.refusal_markers), prefix, tags)
+        return MarkerDetector.from_settings(settings, prefix)
     if settings.refusal_detector == "endpoint":
         key = os.environ.get(settings.refusal_judge_api_key_env) if settings.refusal_judge_api_key_env else None
         return EndpointJudge(settings.refusal_judge_url, settings.refusal_judge_model, key, prefix, tags)

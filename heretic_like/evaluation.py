@@ -111,13 +111,17 @@ class StopAtMarker(StoppingCriteria):
     then dominated, and the rest of its text would not change anything.
     """
 
-    def __init__(self, tokenizer, prompt_length: int, detector: MarkerDetector, stop_rows: bool, budget: int | None):
+    def __init__(self, tokenizer, prompt_length: int, detector: MarkerDetector, stop_rows: bool, budget: int | None,
+                 prompts: list[str] | None = None):  # fmt: skip
         self.tokenizer, self.prompt_length, self.detector = tokenizer, prompt_length, detector
         self.stop_rows, self.budget = stop_rows, budget
+        self.prompts = prompts
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
-        refused = torch.tensor([self.detector(t) for t in texts], device=input_ids.device)
+        prompts = self.prompts or [""] * len(texts)
+        refused = torch.tensor([self.detector(t, p) for t, p in zip(texts, prompts, strict=True)],
+                               device=input_ids.device)  # fmt: skip
         if self.budget is not None and int(refused.sum()) >= self.budget:
             return torch.ones_like(refused)
         return refused if self.stop_rows else torch.zeros_like(refused)
@@ -127,10 +131,12 @@ class StopAtMarker(StoppingCriteria):
 def generate_batches(
     loaded: LoadedModel, texts: list[str], max_new_tokens: int, batch_size: int, desc: str | None = None,
     detector=None, stop_rows: bool = False, budget: Callable[[], int | None] | None = None,
+    prompts: list[str] | None = None,
 ) -> Iterator[tuple[list[str], int]]:  # fmt: skip
     """Greedy responses (special tokens stripped) and the number of tokens generated, one batch at
     a time so callers can stop early. With a streaming `detector` (markers), rows may stop at their
-    first marker (`stop_rows`) and a batch stops once `budget()` of its rows have refused."""
+    first marker (`stop_rows`) and a batch stops once `budget()` of its rows have refused; `prompts`
+    (the plain requests behind `texts`) let it ignore markers echoed from the request."""
     tokenizer = loaded.tokenizer
     starts = range(0, len(texts), batch_size)
     for start in tqdm(starts, desc=desc, unit="batch", leave=False, disable=desc is None):
@@ -139,7 +145,8 @@ def generate_batches(
         limit = budget() if budget else None
         watch = detector is not None and getattr(detector, "streaming", False) and (stop_rows or limit is not None)
         stopping = StoppingCriteriaList(
-            [StopAtMarker(tokenizer, prompt_length, detector, stop_rows, limit)] if watch else []
+            [StopAtMarker(tokenizer, prompt_length, detector, stop_rows, limit,
+                          prompts[start : start + batch_size] if prompts else None)] if watch else []
         )
         output = loaded.model.generate(
             **batch, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
@@ -162,16 +169,19 @@ def count_refusals(loaded: LoadedModel, texts: list[str], max_new_tokens: int, b
                    markers, desc: str | None = None, prompts: list[str] | None = None,
                    ) -> tuple[int, list[str], int]:  # fmt: skip
     """(refusals, responses, tokens generated) for chat-formatted texts under the current edit;
-    `markers` is a marker list or any detector (judges also need the plain `prompts`).
+    `markers` is a marker list or any detector. `prompts` are the plain requests behind `texts`
+    (judges read them; markers the request contains do not count).
 
     With markers, rows stop at their first one, so long responses only cost those that comply."""
     detector = marker_detector(markers) if isinstance(markers, (list, tuple)) else markers
     responses: list[str] = []
     tokens = 0
-    for batch, count in generate_batches(loaded, texts, max_new_tokens, batch_size, desc, detector, stop_rows=True):
+    prompts = prompts or [""] * len(texts)
+    for batch, count in generate_batches(loaded, texts, max_new_tokens, batch_size, desc, detector, stop_rows=True,
+                                         prompts=prompts):  # fmt: skip
         responses += batch
         tokens += count
-    verdicts = detector.classify(prompts or texts, responses)
+    verdicts = detector.classify(prompts, responses)
     return sum(verdicts), responses, tokens
 
 
@@ -251,7 +261,8 @@ class Evaluator:
         if cap != 0:
             budget = (lambda: cap - refusals) if cap is not None else None
             for batch, count in generate_batches(self.loaded, self.harmful, self.max_response_length, self.batch_size,
-                                                 desc, self.detector, self.stop_at_marker, budget):  # fmt: skip
+                                                 desc, self.detector, self.stop_at_marker, budget,
+                                                 self.harmful_prompts):  # fmt: skip
                 prompts = self.harmful_prompts[len(responses) : len(responses) + len(batch)]
                 responses += batch
                 refused += self.detector.classify(prompts, batch)

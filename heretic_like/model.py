@@ -335,7 +335,10 @@ def encode(tokenizer, texts: list[str], device: torch.device) -> dict[str, torch
 def model_fingerprint(model: nn.Module) -> str:
     """Cheap identity of the weights: config plus checksums of the first and last parameters."""
     params = list(model.parameters())
-    sums = [float(p.detach().double().sum()) for p in (params[0], params[-1])]
+    # Summed in float64 a slice at a time: a float64 copy of a whole embedding matrix would be
+    # the largest transient of a run (about half the weights of a small model).
+    sums = [sum(float(part.double().sum()) for part in p.detach().reshape(-1).split(1 << 22))
+            for p in (params[0], params[-1])]  # fmt: skip
     config = model.config.to_dict() if hasattr(model, "config") else {}
     for key in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "quantization_config"):
         config.pop(key, None)

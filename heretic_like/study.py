@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pandas as pd
@@ -154,15 +155,22 @@ def _diff_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+# Study keys added after their behaviour existed, with the value that matches what older studies did
+# (where the new default differs): an older study resumes only with that value.
+LEGACY_VALUES: dict[str, Any] = {"ignore_echoed_markers": False}
+
+
 def _with_new_defaults(stored: dict | None) -> dict | None:
-    """A stored identity with keys added by later versions filled in with their defaults: an
-    older study ran with exactly those, so it still resumes."""
+    """A stored identity with keys added by later versions filled in with their defaults (or the
+    legacy value that matches the older behaviour): an older study ran with exactly those."""
     if stored is None:
         return None
     defaults = {}
     for key in Settings.STUDY_KEYS:
         field = Settings.model_fields[key]
-        if not field.is_required():
+        if key in LEGACY_VALUES:
+            defaults[key] = LEGACY_VALUES[key]
+        elif not field.is_required():
             value = field.get_default(call_default_factory=True)
             defaults[key] = value.model_dump(mode="json") if hasattr(value, "model_dump") else value
     return merge_dicts(defaults, stored)
@@ -482,7 +490,7 @@ def refusal_cap(study: optuna.Study):
 def markers_of(settings: Settings, evaluator: Evaluator) -> MarkerDetector:
     """The marker detector, to compare another detector's verdicts with."""
     prefix = getattr(evaluator.detector, "prefix", "")
-    return MarkerDetector(tuple(settings.refusal_markers), prefix, settings.tags)
+    return MarkerDetector.from_settings(settings, prefix)
 
 
 @dataclass
@@ -520,7 +528,8 @@ def run_study(settings: Settings) -> StudyRun:
         timings["base_refusals"] = time.perf_counter() - started
         base_refusals = base.refusals
         if evaluator.detector.name != "markers":
-            agreed = agreement(base.refused, markers_of(settings, evaluator).classify([], base.responses))
+            markers = markers_of(settings, evaluator).classify(evaluator.harmful_prompts, base.responses)
+            agreed = agreement(base.refused, markers)
             study.set_user_attr("detector_agreement_unedited", agreed)
             print(f"Refusal detector '{evaluator.detector.name}' agrees with the markers on {agreed['agreement']:.0%} "
                   f"of the unedited model's responses (kappa {agreed['kappa']:.2f})")  # fmt: skip
@@ -557,7 +566,8 @@ def run_study(settings: Settings) -> StudyRun:
             raise optuna.TrialPruned()
         trial.set_user_attr("refusals", score.refusals)
         if evaluator.detector.name != "markers":
-            marker_verdicts = markers_of(settings, evaluator).classify([], score.responses)
+            asked = evaluator.harmful_prompts[: len(score.responses)]
+            marker_verdicts = markers_of(settings, evaluator).classify(asked, score.responses)
             trial.set_user_attr("marker_refusals", sum(marker_verdicts))
             trial.set_user_attr("marker_agreement", agreement(score.refused, marker_verdicts)["agreement"])
         if settings.print_responses:

@@ -280,11 +280,14 @@ def test_study_from_an_older_version_resumes_when_new_keys_keep_defaults(tiny_ll
     for key in ("row_normalization", "directions_per_layer", "capability_prompts"):  # keys added later
         old.pop(key)
     old["search"] = {k: v for k, v in old["search"].items() if k != "entangled_strength"}
+    old.pop("ignore_echoed_markers")  # added later, with a default that changes how refusals count
     study.set_user_attr("identity", old)
-    settings = load_settings(str(config))
-    assert open_study(settings).study_name == study.study_name  # defaults: same study
+    settings = load_settings(str(config), {"ignore_echoed_markers": False})
+    assert open_study(settings).study_name == study.study_name  # defaults (and the old counting): same study
     with pytest.raises(Exception, match="row_normalization"):
-        open_study(load_settings(str(config), {"row_normalization": "pre"}))
+        open_study(load_settings(str(config), {"row_normalization": "pre", "ignore_echoed_markers": False}))
+    with pytest.raises(Exception, match="ignore_echoed_markers"):
+        open_study(load_settings(str(config)))
 
 
 def test_reasoning_model_is_measured_after_its_thinking_block(thinking_model, tmp_path):
