@@ -81,7 +81,8 @@ def main() -> None:
     phase("fingerprint the weights", lambda: model_fingerprint(loaded.model))  # a study checks it on resume
     footprint = sum(p.numel() * p.element_size() for p in loaded.model.parameters()) / 2**30
     batch = settings.batch_size
-    geometry = phase("directions", lambda: compute_geometry(settings, loaded, prompts, batch, verbose=False))
+    geometry = phase("directions", lambda: compute_geometry(settings, loaded, prompts,
+                                                            settings.directions_batch_size or batch, verbose=False))
     evaluator = phase("reference log-probs (KL forward)", lambda: Evaluator(
         loaded, prompts["bad_evaluation_prompts"], prompts["good_evaluation_prompts"], settings.system_prompt,
         tuple(settings.refusal_markers), settings.max_response_length, batch, settings.stop_at_marker))  # fmt: skip

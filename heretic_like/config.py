@@ -119,6 +119,7 @@ class Settings(_Strict):
     # --- throughput ---
     batch_size: int = Field(0, ge=0)
     max_batch_size: int = Field(64, ge=1)
+    directions_batch_size: int = Field(8, ge=0)  # 0: batch_size
     # --- scoring ---
     max_response_length: int = Field(100, ge=1)
     verify_response_length: int = Field(256, ge=0)

@@ -53,7 +53,7 @@ def weight_hashes(folder: str | Path) -> dict[str, str]:
 def build_record(study: optuna.Study, settings: Settings, number: int, card: str = "",
                  weights: dict[str, str] | None = None) -> dict:  # fmt: skip
     """The reproduce.json content for trial `number` of `study` (weights: hashes, if written)."""
-    from .study import trial_edit
+    from .study import directions_batch, trial_edit
 
     _, trial = trial_edit(study, number)
     attrs = study.user_attrs
@@ -64,7 +64,7 @@ def build_record(study: optuna.Study, settings: Settings, number: int, card: str
         "trial": number,
         "seed": settings.seed,
         "config": settings.model_dump(mode="json"),
-        "batch_size": attrs.get("batch_size") or settings.batch_size or 8,
+        "batch_size": directions_batch(study, settings.directions_batch_size or settings.batch_size or 8),
         "response_prefix": attrs.get("response_prefix") if settings.response_prefix == "auto"
         else settings.response_prefix,
         "model_fingerprint": attrs.get("model_fingerprint"),
@@ -110,7 +110,7 @@ def reproduce(path: str | Path, out_dir: str | Path | None = None, overrides: di
     False: they differ; None: the record has no hashes to compare with."""
     from .ablation import Abliterator, Edit, EditOptions
     from .export import save_adapter, save_merged
-    from .model import load_model, model_fingerprint
+    from .model import load_model, matches_fingerprint
     from .study import load_all_prompts, measure_geometry
 
     path = Path(path)
@@ -130,7 +130,7 @@ def reproduce(path: str | Path, out_dir: str | Path | None = None, overrides: di
     if differ:
         raise HereticError(f"{path}: the content of {', '.join(differ)} differs from the recorded prompts")
     loaded = load_model(settings)
-    if record["model_fingerprint"] and model_fingerprint(loaded.model) != record["model_fingerprint"]:
+    if record["model_fingerprint"] and not matches_fingerprint(loaded.model, record["model_fingerprint"]):
         raise HereticError(f"{path}: '{settings.model}' is not the model the record was made with "
                            "(weights or config differ); point --model at the original")  # fmt: skip
     geometry = measure_geometry(settings, loaded, prompts, int(record["batch_size"]), record["response_prefix"] or "")

@@ -30,7 +30,7 @@ from .directions import RefusalGeometry, collect_residuals, measure, winsorize
 from .errors import HereticError
 from .evaluation import Evaluator, autotune_batch_size, detect_response_prefix, generate
 from .kernel import Kernel
-from .model import LoadedModel, chat_texts, load_model, model_fingerprint
+from .model import LoadedModel, chat_texts, load_model, matches_fingerprint, model_fingerprint
 from .prompts import load_prompts, prompts_fingerprint
 
 PROMPT_SETS = ("good_prompts", "bad_prompts", "good_evaluation_prompts", "bad_evaluation_prompts")
@@ -440,20 +440,26 @@ def check_prompt_fingerprints(study: optuna.Study, prompts: dict[str, list[str] 
     return current
 
 
+def directions_batch(study: optuna.Study, default: int = 8) -> int:
+    """The batch size the study's directions were measured with (their last bits depend on it);
+    studies from before `directions_batch_size` measured them with the scoring batch."""
+    attrs = study.user_attrs
+    return int(attrs.get("directions_batch_size") or attrs.get("batch_size") or default)
+
+
 def prepare(settings: Settings, study: optuna.Study, prompts: dict[str, list[str]], timings: dict[str, float]):
     """Model, batch size, directions and evaluator: everything a trial needs (phases timed)."""
     started = time.perf_counter()
     loaded = load_model(settings)
     timings["load"] = time.perf_counter() - started
-    fingerprint = model_fingerprint(loaded.model)
     stored = study.user_attrs.get("model_fingerprint")
-    if stored is not None and stored != fingerprint:
+    if stored is not None and not matches_fingerprint(loaded.model, stored):
         raise HereticError(
             f"study '{study.study_name}' was run on a model with different weights or config than "
-            f"'{settings.model}' (fingerprint {stored} vs {fingerprint}); use another study_name"
+            f"'{settings.model}' (fingerprint {stored}); use another study_name"
         )
     if stored is None:
-        study.set_user_attr("model_fingerprint", fingerprint)
+        study.set_user_attr("model_fingerprint", model_fingerprint(loaded.model))
         study.set_user_attr("num_layers", loaded.num_layers)
     batch_size = settings.batch_size
     if batch_size == 0:
@@ -462,9 +468,10 @@ def prepare(settings: Settings, study: optuna.Study, prompts: dict[str, list[str
         print(f"Batch size: {batch_size} (auto)")
     if study.user_attrs.get("batch_size") is None:  # directions depend (in the last bits) on the batching
         study.set_user_attr("batch_size", batch_size)
+        study.set_user_attr("directions_batch_size", settings.directions_batch_size or batch_size)
     prefix = resolve_response_prefix(settings, study, loaded, prompts, batch_size)
     started = time.perf_counter()
-    geometry = compute_geometry(settings, loaded, prompts, batch_size, response_prefix=prefix)
+    geometry = compute_geometry(settings, loaded, prompts, directions_batch(study), response_prefix=prefix)
     timings["directions"] = time.perf_counter() - started
     started = time.perf_counter()
     detector = build_detector(settings, loaded, batch_size, prefix)
@@ -657,11 +664,11 @@ def study_abliterator(study: optuna.Study, settings: Settings, components: list[
     export and chat after the run): directions from the cache, or measured as the run did."""
     loaded = load_model(settings)
     stored = study.user_attrs.get("model_fingerprint")
-    if stored is not None and stored != model_fingerprint(loaded.model):
+    if stored is not None and not matches_fingerprint(loaded.model, stored):
         raise HereticError(f"'{settings.model}' is not the model study '{study.study_name}' was run on")
     geometry = cached_geometry(settings, loaded.num_layers)
     if geometry is None:
-        batch = study.user_attrs.get("batch_size") or settings.batch_size or 8
         prefix = resolve_response_prefix(settings, study)
+        batch = directions_batch(study, settings.directions_batch_size or settings.batch_size or 8)
         geometry = compute_geometry(settings, loaded, load_all_prompts(settings), batch, False, prefix)
     return Abliterator(loaded, components, geometry, EditOptions.from_settings(settings))

@@ -6,7 +6,7 @@ import torch
 
 from heretic_like.config import load_settings
 from heretic_like.errors import HereticError
-from heretic_like.model import chat_texts, find_decoder_layers, load_model, model_fingerprint
+from heretic_like.model import chat_texts, find_decoder_layers, load_model, matches_fingerprint, model_fingerprint
 
 REAL_GGUF = "models/Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf"
 
@@ -59,11 +59,26 @@ def test_chat_texts_use_template_and_system_prompt(tiny_llama, tmp_path):
 
 def test_fingerprint_tracks_weights(tiny_llama, tmp_path):
     loaded = load_model(settings_for(tiny_llama, tmp_path))
-    before = model_fingerprint(loaded.model)
+    before, legacy = model_fingerprint(loaded.model), model_fingerprint(loaded.model, legacy=True)
     assert before == model_fingerprint(load_model(settings_for(tiny_llama, tmp_path)).model)
+    assert matches_fingerprint(loaded.model, before) and matches_fingerprint(loaded.model, legacy)
     with torch.no_grad():
-        next(loaded.model.parameters()).add_(1.0)
-    assert model_fingerprint(loaded.model) != before
+        loaded.model.model.layers[0].self_attn.q_proj.weight.add_(1.0)
+    assert model_fingerprint(loaded.model) != before and not matches_fingerprint(loaded.model, before)
+    with torch.no_grad():
+        loaded.model.model.embed_tokens.weight.add_(1.0)
+    assert not matches_fingerprint(loaded.model, legacy)  # the first kind summed the embedding
+
+
+def test_fingerprint_never_reads_the_input_embedding(tiny_llama, tmp_path):
+    """Reading all of the embedding would page it in from the mapped file: a fingerprint must not."""
+    loaded = load_model(settings_for(tiny_llama, tmp_path))
+    before = model_fingerprint(loaded.model)
+    embedding = loaded.model.model.embed_tokens
+    embedding.weight = torch.nn.Parameter(torch.empty_like(embedding.weight, device="meta"))  # unreadable
+    assert model_fingerprint(loaded.model) == before
+    with pytest.raises(RuntimeError, match="meta"):  # the first kind did read it
+        model_fingerprint(loaded.model, legacy=True)
 
 
 @pytest.mark.skipif(not (os.environ.get("HERETIC_REAL_MODEL") and Path(REAL_GGUF).is_file()),

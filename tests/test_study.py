@@ -322,3 +322,16 @@ def test_resume_with_edited_prompt_content_is_refused(tiny_llama, tmp_path):
     prompts.write_text(prompts.read_text().replace("\n", " please\n", 1))  # same file name, same config
     with pytest.raises(HereticError, match="content of bad_prompts changed"):
         run_study(load_settings(str(config)))
+
+
+def test_directions_are_measured_with_the_batch_the_study_recorded():
+    import optuna
+
+    from heretic_like.study import directions_batch
+
+    study = optuna.create_study()
+    assert directions_batch(study, 16) == 16  # nothing recorded yet
+    study.set_user_attr("batch_size", 32)  # a study from before directions_batch_size
+    assert directions_batch(study) == 32
+    study.set_user_attr("directions_batch_size", 8)
+    assert directions_batch(study) == 8
