@@ -232,12 +232,14 @@ class Evaluator:
         self.base_logprobs = first_token_logprobs(loaded, self.harmless, batch_size)
 
     def prioritize(self, first: list[int]) -> None:
-        """Score the harmful prompts at these original positions first (keeping relative order).
+        """Score the harmful prompts at these original positions first, in the order given; the
+        rest after them, in their original order.
 
-        Putting the prompts the unedited model refused first makes a dominated trial reach its
-        refusal cap, and stop, as early as possible."""
-        chosen = set(first)
-        order = sorted(range(len(self.order)), key=lambda i: i not in chosen)  # stable: chosen first
+        Putting the prompts most likely to be refused first makes a dominated trial reach its
+        refusal cap, and stop, as early as possible. (Batches then hold other prompts side by
+        side, which can move logits in their last bits, as any change of batching can.)"""
+        rank = {position: i for i, position in enumerate(dict.fromkeys(first))}
+        order = sorted(range(len(self.order)), key=lambda p: (0, rank[p]) if p in rank else (1, p))
         texts = dict(zip(self.order, self.harmful, strict=True))
         prompts = dict(zip(self.order, self.harmful_prompts, strict=True))
         self.order = order

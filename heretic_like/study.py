@@ -12,6 +12,7 @@ import os
 import socket
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -494,6 +495,17 @@ def refusal_cap(study: optuna.Study):
     return cap
 
 
+def hardest_first(study: optuna.Study) -> list[int]:
+    """Harmful prompts' positions, those refused by the most finished trials (pruned ones too)
+    first; ties go to those the unedited model refused. Scoring in this order, a dominated trial
+    meets the prompts it will still refuse, and reaches its cap, in its first batch."""
+    counts: Counter[int] = Counter()
+    for trial in study.get_trials(deepcopy=False, states=FINISHED):
+        counts.update(trial.user_attrs.get("refused_positions", ()))
+    base = set(study.user_attrs.get("base_refused_positions") or ())
+    return sorted(set(counts) | base, key=lambda p: (-counts[p], p not in base, p))
+
+
 def markers_of(settings: Settings, evaluator: Evaluator) -> MarkerDetector:
     """The marker detector, to compare another detector's verdicts with."""
     prefix = getattr(evaluator.detector, "prefix", "")
@@ -543,7 +555,6 @@ def run_study(settings: Settings) -> StudyRun:
         study.set_user_attr("base_refused_positions", evaluator.refused_positions(base))
         study.set_user_attr("base_refusals", base_refusals)
         study.set_user_attr("n_harmful_eval", len(evaluator.harmful))
-    evaluator.prioritize(study.user_attrs.get("base_refused_positions") or [])
     print(f"Unedited model refuses {base_refusals}/{len(evaluator.harmful)} harmful evaluation prompts")
 
     abliterator = Abliterator(loaded, settings.search.components, geometry, EditOptions.from_settings(settings))
@@ -558,7 +569,9 @@ def run_study(settings: Settings) -> StudyRun:
         if settings.row_normalization == "full":
             trial.set_user_attr("approximation_error", round(stats.approximation_error, 6))
             trial.set_user_attr("row_norm_error", round(stats.row_norm_error, 6))
+        evaluator.prioritize(hardest_first(trial.study))
         score = evaluator.score(f"trial {trial.number}", refusal_cap(trial.study) if settings.prune_dominated else None)
+        trial.set_user_attr("refused_positions", evaluator.refused_positions(score))
         trial.set_user_attr("edit", edit.to_dict())
         trial.set_user_attr("worker", WORKER)
         trial.set_user_attr("kl_divergence", score.kl_divergence)

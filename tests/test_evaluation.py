@@ -100,6 +100,10 @@ def test_early_stop_and_refusal_cap_never_change_the_verdict(refusing_model, tmp
     assert skipped.pruned and skipped.responses == [] and skipped.tokens_generated == 0
     uncapped = evaluator.score(refusal_cap=lambda kl: None)
     assert not uncapped.pruned and uncapped.refusals == full.refusals
+    evaluator.prioritize([5, 30, 2])  # any order, from the original positions; the rest keep theirs
+    rest = [p for i, p in enumerate(harmless + harmful) if i not in (5, 30, 2)]
+    assert evaluator.harmful_prompts == [(harmless + harmful)[i] for i in (5, 30, 2)] + rest
+    assert evaluator.order[:4] == [5, 30, 2, 0]
 
 
 def test_shared_prefix_reuse_matches_plain_forward(tiny_qwen2, tmp_path):

@@ -335,3 +335,18 @@ def test_directions_are_measured_with_the_batch_the_study_recorded():
     assert directions_batch(study) == 32
     study.set_user_attr("directions_batch_size", 8)
     assert directions_batch(study) == 8
+
+
+def test_prompts_refused_by_most_finished_trials_are_scored_first():
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
+    from heretic_like.study import hardest_first
+
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    study.set_user_attr("base_refused_positions", [0, 4, 7])
+    for state, refused in [(TrialState.COMPLETE, [4, 9]), (TrialState.PRUNED, [9]), (TrialState.FAIL, [1, 1])]:
+        values = [1.0, 1.0] if state == TrialState.COMPLETE else None
+        study.add_trial(create_trial(state=state, values=values, user_attrs={"refused_positions": refused}))
+    # 9: two finished trials; 4: one, and the unedited model; then the unedited model's; failed trials don't count
+    assert hardest_first(study) == [9, 4, 0, 7]
