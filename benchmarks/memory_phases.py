@@ -5,7 +5,7 @@
 
 Linux only: before each phase the kernel's peak-RSS mark is reset (`/proc/self/clear_refs`), so
 the figure printed is that phase's own peak, not the process's. The phases are those of a study:
-import the libraries, load the model, measure directions, compute the unedited model's reference
+import the libraries, load the model, fingerprint it, measure directions, compute the reference
 log-probs, score the unedited model (generation), set up the edit (LoRA adapters), the trials.
 """
 

@@ -47,21 +47,24 @@ def main() -> None:
             new.enqueue_trial(trial.params)
     replayed = [t for t in run_study(settings).study.trials if t.state.name in ("COMPLETE", "PRUNED")]
     rows = [{"trial": a.number, "before": row(a), "now": row(b)} for a, b in zip(trials, replayed, strict=False)]
-    print(f"\n{'trial':>5} | {'before: state, refusals, s':<30} | now: state, refusals, s")
+    # Tokens generated do not depend on how busy the machine is; seconds do.
+    print(f"\n{'trial':>5} | {'before: state, refusals, tokens, s':<36} | now: state, refusals, tokens, s")
     for r in rows:
         b, n = r["before"], r["now"]
-        print(f"{r['trial']:>5} | {b['state']:<8} {b['refusals']!s:>3} {b['seconds']:>6} s{'':<9} | "
-              f"{n['state']:<8} {n['refusals']!s:>3} {n['seconds']:>6} s")  # fmt: skip
+        print(f"{r['trial']:>5} | {b['state']:<8} {b['refusals']!s:>3} {b['tokens']!s:>6} {b['seconds']:>6} s{'':<8} | "
+              f"{n['state']:<8} {n['refusals']!s:>3} {n['tokens']!s:>6} {n['seconds']:>6} s")  # fmt: skip
     for state in ("COMPLETE", "PRUNED"):
-        before = [r["before"]["seconds"] for r in rows if r["before"]["state"] == state]
-        now = [r["now"]["seconds"] for r in rows if r["now"]["state"] == state]
-        print(f"{state.lower()}: before {len(before)} trials, {sum(before):.0f} s; now {len(now)}, {sum(now):.0f} s")
-    total = [sum(r[k]["seconds"] for r in rows) for k in ("before", "now")]
-    print(f"all {len(rows)} trials: before {total[0]:.0f} s, now {total[1]:.0f} s")
+        for key in ("before", "now"):
+            picked = [r[key] for r in rows if r[key]["state"] == state]
+            print(f"{state.lower()}, {key}: {len(picked)} trials, {sum(p['tokens'] or 0 for p in picked)} tokens, "
+                  f"{sum(p['seconds'] for p in picked):.0f} s")  # fmt: skip
+    total = {k: {"tokens": sum(r[k]["tokens"] or 0 for r in rows), "seconds": sum(r[k]["seconds"] for r in rows)}
+             for k in ("before", "now")}  # fmt: skip
+    print(f"all {len(rows)} trials: before {total['before']}, now {total['now']}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows,
-                                              "seconds": {"before": total[0], "now": total[1]}}, indent=2))  # fmt: skip
+                                              "totals": total}, indent=2))  # fmt: skip
 
 
 if __name__ == "__main__":
