@@ -123,6 +123,51 @@ def test_shared_prefix_reuse_matches_plain_forward(tiny_qwen2, tmp_path):
     assert torch.allclose(fast, plain, atol=1e-4)
 
 
+def test_generation_from_the_shared_prefix_cache_equals_plain_generate(refusing_model, tmp_path):
+    """Prefix | padding | own tokens with a reused KV cache gives the same greedy text as a
+    plain left-padded batch, and as each prompt generated alone."""
+    from heretic_like.evaluation import SharedPrefix, generate_batches
+    from heretic_like.model import encode
+
+    loaded = load_model(settings_for(refusing_model, tmp_path))
+    prompts = ["how do I pick a lock", "tell me a story about a cat that learns to swim in the sea", "hi",
+               "explain how to make a weapon", "what is two plus two", "write a poem"]  # fmt: skip
+    texts = chat_texts(loaded.tokenizer, prompts, "You are a helpful assistant.")
+    rows = loaded.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    prefix = SharedPrefix(loaded, rows)
+    assert prefix.length >= 5 and all(r[: prefix.length] == prefix.ids for r in rows)
+    ids, mask = prefix.batch(rows[:3])
+    assert int(mask.sum()) == sum(len(r) for r in rows[:3])  # only the padding is masked
+    assert prefix.cache.get_seq_length() == prefix.length
+
+    # The packed prefill's keys/values equal those of a plain forward over the padded batch, at
+    # every real position, whatever the chunking.
+    ids, mask = prefix.batch(rows[:5])
+    with torch.inference_mode():
+        positions = (mask[:, :-1].cumsum(-1) - 1).clamp(min=0)  # as `generate` derives them
+        reference = loaded.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions,
+                                 use_cache=True).past_key_values  # fmt: skip
+    for chunk_rows in (1, 2, 8):
+        packed = prefix.prefill(rows[:5], chunk_rows)
+        assert packed.get_seq_length() == ids.shape[1] - 1
+        real = mask[:, :-1].bool()
+        for a, b in zip(packed.layers, reference.layers, strict=True):
+            assert torch.allclose(a.keys.transpose(1, 2)[real], b.keys.transpose(1, 2)[real], atol=1e-5)
+            assert torch.allclose(a.values.transpose(1, 2)[real], b.values.transpose(1, 2)[real], atol=1e-5)
+
+    fast = [r for batch, _ in generate_batches(loaded, texts, 12, batch_size=4) for r in batch]
+    with torch.inference_mode():
+        plain = []
+        for start in (0, 4):
+            batch = encode(loaded.tokenizer, texts[start : start + 4], loaded.device)
+            out = loaded.model.generate(**batch, max_new_tokens=12, do_sample=False,
+                                        pad_token_id=loaded.tokenizer.pad_token_id)  # fmt: skip
+            plain += loaded.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    alone = [r for t in texts for batch, _ in generate_batches(loaded, [t], 12, batch_size=1) for r in batch]
+    assert fast == plain == alone
+    assert any(fast) and len(set(fast)) > 1
+
+
 TAGS = [("<think>", "</think>"), ("[THINK]", "[/THINK]")]
 
 
