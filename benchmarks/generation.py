@@ -7,19 +7,22 @@ steps) and what the packed prefill saves.
 Uses the study set of runs 3 and 4 (the first 64 StrongREJECT prompts) with the default system
 prompt, the unedited model and greedy decoding without marker stops, so every path generates the
 same number of tokens. "plain" is a left-padded batch through `model.generate` (the code before
-this benchmark); "packed/N" is `generate_batches`: the shared prefix run once, each row's own
-tokens in length-sorted chunks of N rows, their KV cache assembled for the batch. Prints seconds
-for 1 token (≈ the prefill) and for --tokens tokens, the cost of one decode step, and whether the
-paths gave the same text."""
+the packed prefill); "packed/N" is what `generate_batches` does: the shared prefix run once, each
+row's own tokens in length-sorted chunks of N rows, their KV cache assembled for the batch. Each
+step is timed as it happens (a stopping criterion that only reads the clock), so the prefill
+(to the first token) and the median decode step are measured apart. Last, `generate_batches`
+itself runs once, and every path's text is compared with plain's."""
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -28,39 +31,48 @@ from qwen_benchmark import DATA, fetch_member  # noqa: E402
 
 from heretic_like import evaluation  # noqa: E402
 from heretic_like.config import load_settings  # noqa: E402
-from heretic_like.evaluation import generate_batches, shared_prefix_length  # noqa: E402
-from heretic_like.model import chat_texts, encode, load_model  # noqa: E402
+from heretic_like.evaluation import SharedPrefix, generate_batches, left_padded, shared_prefix_length  # noqa: E402
+from heretic_like.model import chat_texts, load_model  # noqa: E402
 from heretic_like.testbed import fetch_qwen  # noqa: E402
 
 
+class Clock(StoppingCriteria):
+    """Records when each generated token is out (never stops anything)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 @torch.inference_mode()
-def plain(loaded, texts: list[str], tokens: int, batch_size: int) -> list[str]:
-    out = []
-    for start in range(0, len(texts), batch_size):
-        batch = encode(loaded.tokenizer, texts[start : start + batch_size], loaded.device)
-        ids = loaded.model.generate(**batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                                    temperature=None, top_p=None, top_k=None,
-                                    pad_token_id=loaded.tokenizer.pad_token_id)  # fmt: skip
-        out += loaded.tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-    return out
-
-
-def prefix(loaded, texts: list[str], tokens: int, batch_size: int) -> list[str]:
-    config = loaded.model.generation_config
-    config.min_new_tokens = tokens  # both paths decode exactly `tokens` steps
-    try:
-        return [r for batch, _ in generate_batches(loaded, texts, tokens, batch_size) for r in batch]
-    finally:
-        config.min_new_tokens = None
-
-
-def timed(fn, *args, reps: int) -> tuple[float, list[str]]:
-    best, result = float("inf"), []
-    for _ in range(reps):
-        started = time.perf_counter()
-        result = fn(*args)
-        best = min(best, time.perf_counter() - started)
-    return best, result
+def run(loaded, rows: list[list[int]], tokens: int, batch_size: int, chunk_rows: int) -> dict:
+    """Generate exactly `tokens` greedy tokens per prompt, batch by batch, the way
+    `generate_batches` does (`chunk_rows` = 0: a plain left-padded batch); seconds to the first
+    token (the prefill) and per decode step, timed per step, and the texts."""
+    tokenizer = loaded.tokenizer
+    started = time.perf_counter()
+    prefix = SharedPrefix(loaded, rows) if chunk_rows else None
+    first, steps, texts = time.perf_counter() - started, [], []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        began = time.perf_counter()
+        if prefix is None:
+            ids, mask = left_padded(chunk, tokenizer.pad_token_id, loaded.device)
+            batch = {"input_ids": ids, "attention_mask": mask}
+        else:
+            ids, mask = prefix.batch(chunk)
+            batch = {"input_ids": ids, "attention_mask": mask, "past_key_values": prefix.prefill(chunk, chunk_rows)}
+        clock = Clock()
+        out = loaded.model.generate(**batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id,
+                                    stopping_criteria=StoppingCriteriaList([clock]))  # fmt: skip
+        first += clock.times[0] - began
+        steps += [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)]
+        texts += tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+    return {"first": first, "step": statistics.median(steps), "total": time.perf_counter() - started, "texts": texts}
 
 
 def main() -> None:
@@ -73,7 +85,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--chunk-rows", type=int, nargs="*", default=[evaluation.PREFILL_ROWS],
-                        help="rows per length-sorted prefill chunk; several values: one 'prefix' line each")
+                        help="rows per length-sorted prefill chunk; several values: one line each")
     args = parser.parse_args()
     torch.manual_seed(0)
     settings = load_settings(overrides={"model": str(fetch_qwen(ROOT / "models"))})
@@ -89,18 +101,18 @@ def main() -> None:
           f"shared prefix {shared_prefix_length(rows)}; {padded} padded prompt positions at batch {args.batch_size}; "
           f"torch threads {torch.get_num_threads()}")  # fmt: skip
     results = {}
-    for name, fn, chunk in [("plain", plain, 0)] + [(f"packed/{c}", prefix, c) for c in args.chunk_rows]:
-        evaluation.PREFILL_ROWS = chunk or evaluation.PREFILL_ROWS
-        first, _ = timed(fn, loaded, texts, 1, args.batch_size, reps=args.reps)
-        full, responses = timed(fn, loaded, texts, args.tokens, args.batch_size, reps=args.reps)
-        batches = -(-len(texts) // args.batch_size)
-        step = (full - first) / (batches * (args.tokens - 1))
-        print(f"{name:>10}: 1 token {first:6.2f} s, {args.tokens} tokens {full:6.2f} s "
-              f"({len(texts) * args.tokens / full:.1f} tokens/s); a decode step of {args.batch_size} rows "
-              f"{step:.3f} s; best of {args.reps}")  # fmt: skip
-        results[name] = responses
-    for name in list(results)[1:]:
-        same = sum(a == b for a, b in zip(results["plain"], results[name], strict=True))
+    for chunk in [0] + args.chunk_rows:
+        name = f"packed/{chunk}" if chunk else "plain"
+        best = min((run(loaded, rows, args.tokens, args.batch_size, chunk) for _ in range(args.reps)),
+                   key=lambda r: r["total"])  # fmt: skip
+        print(f"{name:>10}: prefill (to the first token) {best['first']:6.2f} s, {args.tokens} tokens "
+              f"{best['total']:6.2f} s ({len(texts) * args.tokens / best['total']:.1f} tokens/s); a decode step of "
+              f"{args.batch_size} rows {best['step']:.3f} s (median); best of {args.reps}")  # fmt: skip
+        results[name] = best["texts"]
+    loaded.model.generation_config.min_new_tokens = args.tokens  # as above: no early end of sequence
+    library = [r for batch, _ in generate_batches(loaded, texts, args.tokens, args.batch_size) for r in batch]
+    for name, responses in list(results.items()) + [("generate_batches", library)]:
+        same = sum(a == b for a, b in zip(results["plain"], responses, strict=True))
         print(f"{name}: same text as plain for {same}/{len(texts)} prompts")
 
 
