@@ -72,6 +72,15 @@ def left_padded(rows: list[list[int]], pad_token_id: int, device: torch.device) 
     return ids.to(device), mask.to(device)
 
 
+def _plain_cache(config) -> bool:
+    """Whether the model's cache is one plain key/value tensor pair per layer, the only kind
+    `SharedPrefix.prefill` assembles (not sliding-window or linear-attention layers)."""
+    try:
+        return all(type(layer) is DynamicLayer for layer in DynamicCache(config=config).layers)
+    except (TypeError, ValueError, AttributeError, KeyError):
+        return False
+
+
 PREFILL_ROWS = 8  # rows per length-sorted prefill chunk: little padding, still large matmuls
 
 
@@ -88,7 +97,7 @@ class SharedPrefix:
         self.length = shared_prefix_length(rows)
         self.ids = rows[0][: self.length] if self.length else []
         self.cache = None
-        self.packable = True  # until a forward shows a cache `prefill` cannot assemble
+        self.packable = _plain_cache(loaded.model.config)
         if self.length:
             self.cache = loaded.model(torch.tensor([self.ids], device=loaded.device), use_cache=True,
                                       logits_to_keep=1).past_key_values  # fmt: skip
@@ -110,7 +119,7 @@ class SharedPrefix:
         cache, and their keys and values are copied into place (keys carry their rotary position
         already, and positions do not depend on the padding). Returns None where the model's cache
         is not a plain per-layer key/value cache (sliding-window, linear-attention layers):
-        `generate` then prefills the padded batch itself."""
+        `generate` then prefills the padded batch itself from the prefix's cache."""
         if not self.packable:
             return None
         device, n, length = self.loaded.device, len(rows), self.length

@@ -64,6 +64,8 @@ def build_model(path: Path, arch: str = "llama", layers: int = 4, seed: int = 0,
     configs = {
         "llama": lambda: LlamaConfig(**common),
         "qwen2": lambda: Qwen2Config(**common),
+        # Sliding-window attention in all but the first layer: a cache of another kind per layer.
+        "qwen2_sliding": lambda: Qwen2Config(**common, use_sliding_window=True, sliding_window=6, max_window_layers=1),
         # Mixture-of-experts, experts stored as one fused (experts, out, in) tensor per layer
         # (transformers 5); Qwen2-MoE also has a dense shared expert beside them.
         "mixtral": lambda: MixtralConfig(**common, num_local_experts=4, **moe),

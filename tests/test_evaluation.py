@@ -135,7 +135,7 @@ def test_generation_from_the_shared_prefix_cache_equals_plain_generate(refusing_
     texts = chat_texts(loaded.tokenizer, prompts, "You are a helpful assistant.")
     rows = loaded.tokenizer(texts, add_special_tokens=False)["input_ids"]
     prefix = SharedPrefix(loaded, rows)
-    assert prefix.length >= 5 and all(r[: prefix.length] == prefix.ids for r in rows)
+    assert prefix.length >= 5 and all(r[: prefix.length] == prefix.ids for r in rows) and prefix.packable
     ids, mask = prefix.batch(rows[:3])
     assert int(mask.sum()) == sum(len(r) for r in rows[:3])  # only the padding is masked
     assert prefix.cache.get_seq_length() == prefix.length
@@ -166,6 +166,33 @@ def test_generation_from_the_shared_prefix_cache_equals_plain_generate(refusing_
     alone = [r for t in texts for batch, _ in generate_batches(loaded, [t], 12, batch_size=1) for r in batch]
     assert fast == plain == alone
     assert any(fast) and len(set(fast)) > 1
+
+
+def test_models_with_sliding_window_layers_generate_without_packing(tmp_path):
+    """A cache that is not one plain key/value pair per layer is not assembled by hand: the
+    batch falls back to `generate`'s own prefill and still gives plain `generate`'s text."""
+    from heretic_like.evaluation import SharedPrefix, generate_batches
+    from heretic_like.model import encode
+    from tests.conftest import build_model
+
+    build_model(tmp_path / "sliding", arch="qwen2_sliding", layers=3)
+    loaded = load_model(settings_for(tmp_path / "sliding", tmp_path))
+    prompts = ["a long prompt that runs well past the six token window", "short", "a middle one here"]
+    texts = chat_texts(loaded.tokenizer, prompts, "You are a helpful assistant.")
+    rows = loaded.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    prefix = SharedPrefix(loaded, rows)
+    assert prefix.length > 6 and not prefix.packable and prefix.prefill(rows) is None
+    fast = [r for batch, _ in generate_batches(loaded, texts, 8, batch_size=3) for r in batch]
+    with torch.inference_mode():
+        batch = encode(loaded.tokenizer, texts, loaded.device)
+        out = loaded.model.generate(**batch, max_new_tokens=8, do_sample=False,
+                                    pad_token_id=loaded.tokenizer.pad_token_id)  # fmt: skip
+    assert fast == loaded.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    # The KL forward's prefix reuse holds for these layers too.
+    with torch.no_grad():
+        rows = [loaded.model(**encode(loaded.tokenizer, [t], loaded.device)).logits[:, -1].float().cpu() for t in texts]
+    plain = torch.cat([F.log_softmax(row, -1) for row in rows])
+    assert torch.allclose(first_token_logprobs(loaded, texts, batch_size=2), plain, atol=1e-4)
 
 
 TAGS = [("<think>", "</think>"), ("[THINK]", "[/THINK]")]
