@@ -72,11 +72,16 @@ def left_padded(rows: list[list[int]], pad_token_id: int, device: torch.device) 
     return ids.to(device), mask.to(device)
 
 
-def _plain_cache(config) -> bool:
-    """Whether the model's cache is one plain key/value tensor pair per layer, the only kind
+def _plain_layers(cache) -> bool:
+    """Whether a cache is one plain key/value tensor pair per layer, the only kind
     `SharedPrefix.prefill` assembles (not sliding-window or linear-attention layers)."""
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def _plain_cache(config) -> bool:
+    """Whether the cache the model builds for itself (from its config) has plain layers."""
     try:
-        return all(type(layer) is DynamicLayer for layer in DynamicCache(config=config).layers)
+        return _plain_layers(DynamicCache(config=config))
     except (TypeError, ValueError, AttributeError, KeyError):
         return False
 
@@ -108,6 +113,16 @@ class SharedPrefix:
         cache.batch_repeat_interleave(rows)
         return cache
 
+    def forward(self, rows: list[list[int]], **kwargs):
+        """The model's output for whole prompts (each starting with the prefix), run on their own
+        tokens only, left-padded, from a copy of the prefix's cache."""
+        ids, mask = self.batch(rows)
+        if self.length:
+            kwargs["past_key_values"] = self.batch_cache(len(rows))
+            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)[:, self.length :]
+            ids = ids[:, self.length :]
+        return self.loaded.model(input_ids=ids, attention_mask=mask, **kwargs)
+
     @torch.no_grad()
     def prefill(self, rows: list[list[int]], chunk_rows: int = PREFILL_ROWS):
         """The KV cache of a generation batch's prompts up to (not including) each one's last token,
@@ -122,45 +137,29 @@ class SharedPrefix:
         `generate` then prefills the padded batch itself from the prefix's cache."""
         if not self.packable:
             return None
-        device, n, length = self.loaded.device, len(rows), self.length
-        own = [r[length:-1] for r in rows]
-        width = max(len(o) for o in own)
+        n, length = len(rows), self.length
+        own = [len(r) - 1 - length for r in rows]  # tokens of its own before its last one
+        width = max(own)
         keys: list[torch.Tensor] = []
         values: list[torch.Tensor] = []
-        order = sorted((i for i in range(n) if own[i]), key=lambda i: len(own[i]))
+        order = sorted((i for i in range(n) if own[i]), key=lambda i: own[i])
         for start in range(0, len(order), chunk_rows):
             index = order[start : start + chunk_rows]
-            ids, mask = left_padded([own[i] for i in index], self.loaded.tokenizer.pad_token_id, device)
-            kwargs = {}
-            if length:
-                mask = torch.cat([torch.ones((len(index), length), dtype=mask.dtype, device=device), mask], dim=1)
-                kwargs["past_key_values"] = self.batch_cache(len(index))
-            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, length:]
-            cache = self.loaded.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
-                                      logits_to_keep=1, **kwargs).past_key_values  # fmt: skip
-            if not all(type(layer) is DynamicLayer for layer in cache.layers):
+            cache = self.forward([rows[i][:-1] for i in index], use_cache=True, logits_to_keep=1).past_key_values
+            if not _plain_layers(cache):
                 self.packable = False
                 return None
-            if not keys:
+            if not keys:  # allocate, and put the prefix (the same for every row) in place once
                 for layer in cache.layers:
-                    shape = (n, layer.keys.shape[1], length + width, layer.keys.shape[3])
-                    keys.append(layer.keys.new_zeros(shape))
-                    values.append(layer.values.new_zeros(shape[:3] + layer.values.shape[3:]))
+                    for store, states in ((keys, layer.keys), (values, layer.values)):
+                        store.append(states.new_zeros((n, states.shape[1], length + width, states.shape[3])))
+                        store[-1][:, :, :length] = states[:1, :, :length]
             for layer, k, v in zip(cache.layers, keys, values, strict=True):
-                if length:
-                    k[index, :, :length] = layer.keys[:, :, :length]
-                    v[index, :, :length] = layer.values[:, :, :length]
                 for j, i in enumerate(index):
-                    size = len(own[i])
-                    k[i, :, length + width - size :] = layer.keys[j, :, -size:]
-                    v[i, :, length + width - size :] = layer.values[j, :, -size:]
+                    k[i, :, length + width - own[i] :] = layer.keys[j, :, -own[i] :]
+                    v[i, :, length + width - own[i] :] = layer.values[j, :, -own[i] :]
         if not keys:  # no row has tokens of its own before its last one
             return self.batch_cache(n) if length else None
-        if length and len(order) < n:  # rows that are only the prefix and their last token
-            rest = [i for i in range(n) if not own[i]]
-            for layer, k, v in zip(self.cache.layers, keys, values, strict=True):
-                k[rest, :, :length] = layer.keys[0, :, :length]
-                v[rest, :, :length] = layer.values[0, :, :length]
         return DynamicCache(ddp_cache_data=list(zip(keys, values, strict=True)))
 
     def batch(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,14 +186,8 @@ def first_token_logprobs(loaded: LoadedModel, texts: list[str], batch_size: int)
     out = torch.empty(len(rows), 0)
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
-        ids, mask = prefix.batch([rows[i] for i in index])
-        kwargs = {}
-        if prefix.length:
-            ids = ids[:, prefix.length :]
-            kwargs = {"past_key_values": prefix.batch_cache(len(index)),
-                      "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)[:, prefix.length :]}  # fmt: skip
-        logits = loaded.model(input_ids=ids, attention_mask=mask, use_cache=bool(prefix.length),
-                              logits_to_keep=1, **kwargs).logits[:, -1, :]  # fmt: skip
+        logits = prefix.forward([rows[i] for i in index], use_cache=bool(prefix.length),
+                                logits_to_keep=1).logits[:, -1, :]  # fmt: skip
         logprobs = F.log_softmax(logits.float(), dim=-1).cpu()
         if out.shape[1] == 0:
             out = torch.empty(len(rows), logprobs.shape[1])
@@ -243,9 +236,10 @@ def generate_batches(
     prefix = SharedPrefix(loaded, rows)
     starts = range(0, len(texts), batch_size)
     for start in tqdm(starts, desc=desc, unit="batch", leave=False, disable=desc is None):
-        ids, mask = prefix.batch(rows[start : start + batch_size])
+        chunk = rows[start : start + batch_size]
+        ids, mask = prefix.batch(chunk)
         batch = {"input_ids": ids, "attention_mask": mask}
-        cache = prefix.prefill(rows[start : start + batch_size], PREFILL_ROWS)
+        cache = prefix.prefill(chunk, PREFILL_ROWS)
         if cache is None and prefix.length:
             cache = prefix.batch_cache(len(ids))
         if cache is not None:
