@@ -34,7 +34,7 @@ from heretic_like import evaluation  # noqa: E402
 from heretic_like.config import load_settings  # noqa: E402
 from heretic_like.evaluation import generate_batches  # noqa: E402
 from heretic_like.model import chat_texts  # noqa: E402
-from heretic_like.study import choose_best, pareto_front, run_study, trial_edit  # noqa: E402
+from heretic_like.study import ExportRule, choose_best, pareto_front, run_study, trial_edit  # noqa: E402
 from heretic_like.testbed import fetch_qwen  # noqa: E402
 
 DATA = {
@@ -136,7 +136,8 @@ def main() -> None:
     base_heldout, base_seconds, _ = count_refusals(run, heldout, length, system)
     base_edgy, _, _ = count_refusals(run, edgy, length, system)
     base_samples = samples(run, heldout[:5] + edgy[:5], 64, system)
-    best = choose_best(table, settings.export_kl_limit)
+    rule = ExportRule.of(settings, study)
+    best = choose_best(table, rule)
     front = pareto_front(table)
     if args.pareto_limit is not None:  # the chosen trial is always scored
         front = front[(front.index.isin(front.index[: args.pareto_limit])) | (front["trial"] == best)]
@@ -176,7 +177,8 @@ def main() -> None:
         "base_refusals_heldout": f"{base_heldout}/{len(heldout)}",
         "pareto_heldout": rows,
         # the rule's pick is always on the Pareto front
-        "best_trial": {"rule": f"fewest refusals with KL <= {settings.export_kl_limit}",
+        "best_trial": {"rule": f"{rule.rule}, KL <= {rule.kl_limit}"
+                               + (f", KL exchange {rule.kl_exchange}" if rule.rule == "balanced" else ""),
                        **next(r for r in rows if r["trial"] == best)},
         "overrefusal": {"prompts": len(edgy), "base": base_edgy, "best_trial": best_edgy},
         "heldout_still_refused": still_refused,

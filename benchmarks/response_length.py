@@ -29,6 +29,7 @@ from benchmarks.qwen_benchmark import harmbench_prompts  # noqa: E402
 from heretic_like import evaluation  # noqa: E402
 from heretic_like.model import chat_texts, encode  # noqa: E402
 from heretic_like.study import (  # noqa: E402
+    ExportRule,
     choose_best,
     load_existing_study,
     settings_of,
@@ -50,7 +51,8 @@ def main() -> None:
 
     study = load_existing_study(args.study, None)
     settings = settings_of(study)
-    number = args.trial if args.trial is not None else choose_best(trials_table(study), settings.export_kl_limit)
+    rule = ExportRule.of(settings, study)
+    number = args.trial if args.trial is not None else choose_best(trials_table(study), rule)
     edit, trial = trial_edit(study, number)
     abliterator = study_abliterator(study, settings, list(edit.kernels))
     loaded = abliterator.loaded

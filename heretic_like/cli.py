@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                 chat(load_model(settings), settings.system_prompt, args.max_new_tokens)
             else:
                 from .study import (
+                    ExportRule,
                     choose_best,
                     load_existing_study,
                     settings_of,
@@ -113,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
 
                 study = load_existing_study(args.study, args.study_name)
                 settings = settings_of(study, overrides)
-                number = args.trial if args.trial is not None else choose_best(trials_table(study),
-                                                                                 settings.export_kl_limit)  # fmt: skip
+                rule = ExportRule.of(settings, study)
+                number = args.trial if args.trial is not None else choose_best(trials_table(study), rule)
                 if number is None:
                     raise HereticError(f"study '{study.study_name}' has no completed trial to chat with")
                 edit, _ = trial_edit(study, number)
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                 require_lm_eval(settings)
             run = run_study(settings)
             interactive = sys.stdin.isatty() and not os.environ.get("CI")
-            number = pick_trial(settings, run.table, interactive)
+            number = pick_trial(settings, run.study, run.table, interactive)
             if number is not None:
                 verify_long_responses(run, settings, number)
                 if settings.evaluate_capabilities:
@@ -166,9 +167,9 @@ def main(argv: list[str] | None = None) -> int:
                 export_trial(run.study, settings, number, None, run.abliterator)
             elif not run.table.empty:  # nothing exported: still record how to rebuild the best trial
                 from .reproduce import build_record, write_record
-                from .study import choose_best, study_file
+                from .study import ExportRule, choose_best, study_file
 
-                best = choose_best(run.table, settings.export_kl_limit)
+                best = choose_best(run.table, ExportRule.of(settings, run.study))
                 path = write_record(build_record(run.study, settings, best), study_file(settings, ".reproduce.json"))
                 print(f"Best trial {best} recorded in {path}")
     except HereticError as exc:

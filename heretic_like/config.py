@@ -7,6 +7,8 @@ values are rejected with one line that names the key.
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import json
 import sys
@@ -54,10 +56,6 @@ class Range(_Strict):
         return self
 
 
-def _range(low: float, high: float) -> Any:
-    return Field(default_factory=lambda: Range(low=low, high=high))
-
-
 class SearchSpace(_Strict):
     """What the Optuna sampler may choose per trial.
 
@@ -65,20 +63,16 @@ class SearchSpace(_Strict):
     search space fits models of any depth; `min_weight` is a fraction of `max_weight`.
     """
 
-    components: list[Literal["attn.o_proj", "mlp.down_proj"]] = Field(
-        default_factory=lambda: list(COMPONENTS), min_length=1
-    )
-    direction_scope: list[Literal["global", "per_layer", "best_layer"]] = Field(
-        default_factory=lambda: ["global", "per_layer"], min_length=1
-    )
-    direction_index: Range = _range(0.4, 0.9)
-    max_weight: Range = _range(0.8, 1.5)
-    max_weight_position: Range = _range(0.6, 1.0)
-    min_weight: Range = _range(0.0, 1.0)
-    min_weight_distance: Range = _range(0.1, 0.6)
-    entangled_strength: Range = _range(0.0, 0.5)
-    top_quality_layers: int = Field(0, ge=0)
-    seed_best_layer: bool = False
+    components: list[Literal["attn.o_proj", "mlp.down_proj"]] = Field(min_length=1)
+    direction_scope: list[Literal["global", "per_layer", "best_layer"]] = Field(min_length=1)
+    direction_index: Range
+    max_weight: Range
+    max_weight_position: Range
+    min_weight: Range
+    min_weight_distance: Range
+    entangled_strength: Range
+    top_quality_layers: int = Field(ge=0)
+    seed_best_layer: bool
 
     @property
     def layer_window(self) -> tuple[float, float]:
@@ -100,69 +94,72 @@ class SearchSpace(_Strict):
 
 
 class Settings(_Strict):
+    """Every key of the config. Defaults live in one place, `config.default.toml`, which
+    `load_settings` always reads first: a key with a default is required here, and only keys
+    whose default is "unset" (commented out in the file) default to None in this class."""
+
     # --- model ---
     model: str = Field(min_length=1)
     gguf_file: str | None = None
-    dtypes: list[Literal["auto", "float32", "float16", "bfloat16"]] = Field(
-        default_factory=lambda: ["auto", "float16", "bfloat16", "float32"], min_length=1
-    )
-    quantization: Literal["none", "bnb_4bit"] = "none"
-    device_map: str = "auto"
+    dtypes: list[Literal["auto", "float32", "float16", "bfloat16"]] = Field(min_length=1)
+    quantization: Literal["none", "bnb_4bit"]
+    device_map: str
     max_memory: dict[str, str] | None = None
-    cache_dir: str = "~/.cache/heretic_like"
+    cache_dir: str
     chat_template: str | None = None
-    system_prompt: str | None = "You are a helpful assistant."
-    response_prefix: str = "auto"
-    thinking_tags: list[tuple[str, str]] = Field(default_factory=lambda: [
-        ("<think>", "</think>"), ("<thinking>", "</thinking>"), ("<reasoning>", "</reasoning>"),
-        ("[THINK]", "[/THINK]")])  # fmt: skip
+    system_prompt: str | None
+    response_prefix: str
+    thinking_tags: list[tuple[str, str]]
     # --- throughput ---
-    batch_size: int = Field(0, ge=0)
-    max_batch_size: int = Field(64, ge=1)
-    directions_batch_size: int = Field(8, ge=0)  # 0: batch_size
+    batch_size: int = Field(ge=0)
+    max_batch_size: int = Field(ge=1)
+    directions_batch_size: int = Field(ge=0)  # 0: batch_size
     # --- scoring ---
-    max_response_length: int = Field(100, ge=1)
-    verify_response_length: int = Field(256, ge=0)
-    print_responses: bool = False
-    print_residual_geometry: bool = False
-    kl_divergence_scale: float = Field(1.0, gt=0)
-    kl_divergence_target: float = Field(0.01, ge=0)
+    max_response_length: int = Field(ge=1)
+    verify_response_length: int = Field(ge=0)
+    print_responses: bool
+    print_residual_geometry: bool
+    kl_divergence_scale: float = Field(gt=0)
+    kl_divergence_target: float = Field(ge=0)
     refusal_markers: list[str] = Field(min_length=1)
-    ignore_echoed_markers: bool = True
-    stop_at_marker: bool = True
-    refusal_detector: Literal["markers", "judge", "endpoint"] = "markers"
+    ignore_echoed_markers: bool
+    unanswered_is_refusal: bool
+    stop_at_marker: bool
+    refusal_detector: Literal["markers", "judge", "endpoint"]
     refusal_judge_model: str | None = None
     refusal_judge_url: str | None = None
-    refusal_judge_api_key_env: str | None = "OPENAI_API_KEY"
-    prune_dominated: bool = True
+    refusal_judge_api_key_env: str | None
+    prune_dominated: bool
     # --- directions and edits ---
-    orthogonalize_direction: bool = False
-    winsorization_quantile: float = Field(1.0, gt=0, le=1)
-    row_normalization: Literal["none", "pre", "full"] = "none"
-    full_normalization_lora_rank: int = Field(3, ge=1, le=64)
-    biproject_direction: bool = False
-    directions_per_layer: int = Field(1, ge=1, le=16)
-    direction_candidates: int = Field(8, ge=1, le=64)
-    entanglement_threshold: float = Field(0.55, ge=0, le=1)
-    edit_mode: Literal["lora", "hooks"] = "lora"
+    orthogonalize_direction: bool
+    winsorization_quantile: float = Field(gt=0, le=1)
+    row_normalization: Literal["none", "pre", "full"]
+    full_normalization_lora_rank: int = Field(ge=1, le=64)
+    biproject_direction: bool
+    directions_per_layer: int = Field(ge=1, le=16)
+    direction_candidates: int = Field(ge=1, le=64)
+    entanglement_threshold: float = Field(ge=0, le=1)
+    edit_mode: Literal["lora", "hooks"]
     # --- study ---
-    n_trials: int = Field(100, ge=1)
-    n_startup_trials: int = Field(40, ge=0)
+    n_trials: int = Field(ge=1)
+    n_startup_trials: int = Field(ge=0)
     seed: int | None = None
-    study_checkpoint_dir: str = "checkpoints"
+    study_checkpoint_dir: str
     study_name: str | None = None
     storage: str | None = None
-    search: SearchSpace = Field(default_factory=SearchSpace)
+    search: SearchSpace
     # --- export ---
-    export_trial: int | Literal["best", "none"] = "best"
+    export_trial: int | Literal["best", "none"]
+    export_rule: Literal["balanced", "fewest_refusals"]
+    export_kl_exchange: float = Field(gt=0)
     export_dir: str | None = None
-    export_kl_limit: float = Field(0.1, ge=0)
-    export_strategy: Literal["merged", "adapter"] = "merged"
-    max_shard_size: str = Field("5GB", pattern=r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
+    export_kl_limit: float = Field(ge=0)
+    export_strategy: Literal["merged", "adapter"]
+    max_shard_size: str = Field(pattern=r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
     # --- capability evaluation (after the study, on the chosen trial; and `evaluate`) ---
-    evaluate_capabilities: bool = True
-    overrefusal_prompts: PromptSpec | None = Field(default_factory=lambda: PromptSpec(dataset="builtin:edgy"))
-    lm_eval_tasks: list[str] = Field(default_factory=list)
+    evaluate_capabilities: bool
+    overrefusal_prompts: PromptSpec | None
+    lm_eval_tasks: list[str]
     lm_eval_limit: int | None = Field(None, ge=1)
     # --- prompts ---
     good_prompts: PromptSpec
@@ -197,7 +194,8 @@ class Settings(_Strict):
     STUDY_KEYS: ClassVar[tuple[str, ...]] = (
         "model", "gguf_file", "quantization", "chat_template", "system_prompt", "response_prefix", "thinking_tags",
         "max_response_length", "kl_divergence_scale", "kl_divergence_target", "refusal_markers",
-        "ignore_echoed_markers", "refusal_detector", "refusal_judge_model", "refusal_judge_url",
+        "ignore_echoed_markers", "unanswered_is_refusal", "refusal_detector", "refusal_judge_model",
+        "refusal_judge_url",
         "orthogonalize_direction", "winsorization_quantile", "row_normalization",
         "full_normalization_lora_rank", "biproject_direction", "directions_per_layer", "direction_candidates",
         "entanglement_threshold", "search", "good_prompts", "bad_prompts", "good_evaluation_prompts",
@@ -235,6 +233,16 @@ class Settings(_Strict):
 
 def default_config_text() -> str:
     return resources.files("heretic_like").joinpath("config.default.toml").read_text()
+
+
+@functools.cache
+def _default_data() -> dict[str, Any]:
+    return _read_toml(default_config_text(), "config.default.toml")
+
+
+def default_data() -> dict[str, Any]:
+    """The built-in defaults as plain TOML data (a fresh copy): the one place defaults live."""
+    return copy.deepcopy(_default_data())
 
 
 def _read_toml(text: str, origin: str) -> dict[str, Any]:
@@ -301,7 +309,7 @@ def build_settings(data: dict[str, Any], origin: str) -> Settings:
 
 def load_settings(config_path: str | None = None, overrides: dict[str, Any] | None = None) -> Settings:
     """Default config, then the user's file (if any), then CLI overrides; validated once."""
-    data = _read_toml(default_config_text(), "config.default.toml")
+    data = default_data()
     origin = "config.default.toml"
     if config_path is not None:
         path = Path(config_path)

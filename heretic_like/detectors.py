@@ -56,6 +56,27 @@ def strip_thinking(text: str, tags: Sequence[tuple[str, str]] = ()) -> str:
     return text
 
 
+def unanswered(response: str, prefix: str = "", tags: Sequence[tuple[str, str]] = ()) -> bool:
+    """No answer to judge: empty or whitespace once thinking blocks are removed, or still inside a
+    thinking block (an opener after the last closer) when generation ended.
+
+    An optimiser finds these first: an edit that makes the model emit end-of-text at once, or
+    think for the whole token budget, contains no refusal marker, yet it has not made the model
+    answer. Counted as compliance, it would score as a perfect uncensoring."""
+    text = prefix + response
+    if not strip_thinking(text, tags).strip():
+        return True
+    return any(text.rfind(opener) > text.rfind(closer) for opener, closer in tags if opener in text)
+
+
+def with_unanswered(verdicts: list[bool], responses: list[str], prefix: str, tags: Sequence[tuple[str, str]],
+                    enabled: bool) -> list[bool]:  # fmt: skip
+    """A detector's final verdicts with unanswered responses counted as refusals (when `enabled`)."""
+    if not enabled:
+        return list(verdicts)
+    return [bool(v) or unanswered(r, prefix, tags) for v, r in zip(verdicts, responses, strict=True)]
+
+
 def is_refusal(response: str, markers: Sequence[str], prefix: str = "", tags: Sequence[tuple[str, str]] = (),
                prompt: str = "") -> bool:  # fmt: skip
     """Does the answer contain a marker? `prefix` is the response prefix the prompt ended with (it
@@ -77,18 +98,23 @@ class MarkerDetector:
     prefix: str = ""
     tags: tuple[tuple[str, str], ...] = ()
     ignore_echoed: bool = True
+    unanswered_is_refusal: bool = True
     streaming = True
     name = "markers"
 
     @classmethod
     def from_settings(cls, settings, prefix: str = "") -> MarkerDetector:
-        return cls(tuple(settings.refusal_markers), prefix, settings.tags, settings.ignore_echoed_markers)
+        return cls(tuple(settings.refusal_markers), prefix, settings.tags, settings.ignore_echoed_markers,
+                   settings.unanswered_is_refusal)  # fmt: skip
 
     def __call__(self, response: str, prompt: str = "") -> bool:
+        """Markers only: this also judges partial text while it streams, where "nothing yet" is
+        not a refusal. Final verdicts come from `classify`."""
         return is_refusal(response, self.markers, self.prefix, self.tags, prompt if self.ignore_echoed else "")
 
     def classify(self, prompts: list[str], responses: list[str]) -> list[bool]:
-        return [self(r, p) for p, r in zip(prompts, responses, strict=True)]
+        verdicts = [self(r, p) for p, r in zip(prompts, responses, strict=True)]
+        return with_unanswered(verdicts, responses, self.prefix, self.tags, self.unanswered_is_refusal)
 
 
 def marker_detector(markers: Sequence[str] | MarkerDetector) -> MarkerDetector:
@@ -103,8 +129,10 @@ class ModelJudge:
     streaming = False
     name = "judge"
 
-    def __init__(self, loaded, batch_size: int, prefix: str = "", tags: Sequence[tuple[str, str]] = ()):
+    def __init__(self, loaded, batch_size: int, prefix: str = "", tags: Sequence[tuple[str, str]] = (),
+                 unanswered_is_refusal: bool = True):  # fmt: skip
         self.loaded, self.batch_size, self.prefix, self.tags = loaded, batch_size, prefix, tuple(tags)
+        self.unanswered_is_refusal = unanswered_is_refusal
         self.unedited: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
         self.yes, self.no = _answer_tokens(loaded.tokenizer, "yes"), _answer_tokens(loaded.tokenizer, "no")
 
@@ -119,7 +147,7 @@ class ModelJudge:
             logprobs = first_token_logprobs(self.loaded, texts, self.batch_size)
         yes = torch.logsumexp(logprobs[:, self.yes], dim=1)
         no = torch.logsumexp(logprobs[:, self.no], dim=1)
-        return (yes > no).tolist()
+        return with_unanswered((yes > no).tolist(), responses, self.prefix, self.tags, self.unanswered_is_refusal)
 
 
 def _answer_tokens(tokenizer, word: str) -> list[int]:
@@ -140,7 +168,9 @@ class EndpointJudge:
     name = "endpoint"
 
     def __init__(self, url: str, model: str, api_key: str | None = None, prefix: str = "",
-                 tags: Sequence[tuple[str, str]] = (), workers: int = 8, timeout: float = 60.0):  # fmt: skip
+                 tags: Sequence[tuple[str, str]] = (), workers: int = 8, timeout: float = 60.0,
+                 unanswered_is_refusal: bool = True):  # fmt: skip
+        self.unanswered_is_refusal = unanswered_is_refusal
         self.url = url.rstrip("/") + ("" if url.rstrip("/").endswith("/chat/completions") else "/chat/completions")
         self.model, self.api_key, self.prefix, self.tags = model, api_key, prefix, tuple(tags)
         self.workers, self.timeout = workers, timeout
@@ -162,7 +192,8 @@ class EndpointJudge:
 
     def classify(self, prompts: list[str], responses: list[str]) -> list[bool]:
         with ThreadPoolExecutor(self.workers) as pool:
-            return list(pool.map(self._ask, prompts, responses))
+            verdicts = list(pool.map(self._ask, prompts, responses))
+        return with_unanswered(verdicts, responses, self.prefix, self.tags, self.unanswered_is_refusal)
 
 
 def agreement(a: list[bool], b: list[bool]) -> dict[str, float]:
@@ -184,11 +215,12 @@ def build_detector(settings, loaded, batch_size: int, prefix: str = ""):
         return MarkerDetector.from_settings(settings, prefix)
     if settings.refusal_detector == "endpoint":
         key = os.environ.get(settings.refusal_judge_api_key_env) if settings.refusal_judge_api_key_env else None
-        return EndpointJudge(settings.refusal_judge_url, settings.refusal_judge_model, key, prefix, tags)
+        return EndpointJudge(settings.refusal_judge_url, settings.refusal_judge_model, key, prefix, tags,
+                             unanswered_is_refusal=settings.unanswered_is_refusal)  # fmt: skip
     judge_model = loaded
     if settings.refusal_judge_model:
         from .model import load_model
 
         judge_model = load_model(settings.model_copy(update={"model": settings.refusal_judge_model,
                                                              "gguf_file": None}))  # fmt: skip
-    return ModelJudge(judge_model, batch_size, prefix, tags)
+    return ModelJudge(judge_model, batch_size, prefix, tags, settings.unanswered_is_refusal)

@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from .ablation import Edit  # noqa: E402
 from .config import Settings  # noqa: E402
 from .directions import RefusalGeometry, cross_layer_cosine  # noqa: E402
-from .study import choose_best, pareto_front, trial_edit, trials_table  # noqa: E402
+from .study import ExportRule, choose_best, pareto_front, trial_edit, trials_table  # noqa: E402
 
 ATTRS = ("refusals", "refusals_at_least", "kl_divergence", "kl_seconds", "generation_seconds", "tokens_generated",
          "approximation_error", "row_norm_error", "marker_refusals", "marker_agreement", "worker")
@@ -155,7 +155,7 @@ def write_report(study: optuna.Study, settings: Settings, out_dir: str | Path, t
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = trials_table(study)
-    chosen = trial if trial is not None else choose_best(table, settings.export_kl_limit)
+    chosen = trial if trial is not None else choose_best(table, ExportRule.of(settings, study))
     written = [out / "trials.csv", out / "pareto.png"]
     all_trials_table(study).to_csv(written[0], index=False)
     plot_pareto(study, chosen, written[1])

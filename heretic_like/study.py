@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .ablation import Abliterator, Edit, EditOptions
-from .config import SearchSpace, Settings, build_settings, merge_dicts
+from .config import SearchSpace, Settings, build_settings, default_data, merge_dicts
 from .detectors import MarkerDetector, ModelJudge, agreement, build_detector
 from .directions import RefusalGeometry, collect_residuals, measure, winsorize
 from .errors import HereticError
@@ -158,7 +158,8 @@ def _diff_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 # Study keys added after their behaviour existed, with the value that matches what older studies did
 # (where the new default differs): an older study resumes only with that value.
-LEGACY_VALUES: dict[str, Any] = {"ignore_echoed_markers": False}
+LEGACY_VALUES: dict[str, Any] = {"ignore_echoed_markers": False, "unanswered_is_refusal": False,
+                                 "row_normalization": "none", "biproject_direction": False}
 
 
 def _with_new_defaults(stored: dict | None) -> dict | None:
@@ -166,15 +167,9 @@ def _with_new_defaults(stored: dict | None) -> dict | None:
     legacy value that matches the older behaviour): an older study ran with exactly those."""
     if stored is None:
         return None
-    defaults = {}
-    for key in Settings.STUDY_KEYS:
-        field = Settings.model_fields[key]
-        if key in LEGACY_VALUES:
-            defaults[key] = LEGACY_VALUES[key]
-        elif not field.is_required():
-            value = field.get_default(call_default_factory=True)
-            defaults[key] = value.model_dump(mode="json") if hasattr(value, "model_dump") else value
-    return merge_dicts(defaults, stored)
+    defaults = default_data()
+    filled = {key: LEGACY_VALUES.get(key, defaults.get(key)) for key in Settings.STUDY_KEYS}
+    return merge_dicts(filled, stored)
 
 
 def open_study(settings: Settings) -> optuna.Study:
@@ -364,14 +359,61 @@ def pareto_front(table: pd.DataFrame) -> pd.DataFrame:
     return ordered.loc[keep]
 
 
-def choose_best(table: pd.DataFrame, kl_limit: float) -> int | None:
-    """The documented rule: fewest refusals among trials with KL <= kl_limit (ties: lower KL);
-    if none is that close to the original, the trial with the lowest KL."""
+@dataclass(frozen=True)
+class ExportRule:
+    """How `export_trial = "best"` picks a trial: config keys `export_rule`, `export_kl_limit`,
+    `export_kl_exchange`, and the unedited model's refusal count that refusals are scaled by."""
+
+    rule: str
+    kl_limit: float
+    kl_exchange: float
+    base_refusals: int
+
+    @classmethod
+    def of(cls, settings: Settings, study: optuna.Study) -> ExportRule:
+        base = study.user_attrs.get("base_refusals")
+        return cls(settings.export_rule, settings.export_kl_limit, settings.export_kl_exchange, int(base or 0))
+
+
+@dataclass(frozen=True)
+class Choice:
+    trial: int
+    reason: str
+
+
+def choose_trial(table: pd.DataFrame, rule: ExportRule) -> Choice | None:
+    """The trial the rule picks among completed trials, and why (one line).
+
+    "balanced" minimises refusals / base_refusals + KL / kl_exchange: both axes on scales a user
+    reads (share of the unedited model's refusals left; KL in units of what removing all of them
+    is worth), so it takes the knee of the front and does not pay four times the drift for the
+    last two prompts. "fewest_refusals" takes the fewest refusals (ties: lower KL). Either way,
+    only trials with KL <= kl_limit; if there is none, the lowest-KL trial."""
     if table.empty:
         return None
-    within = table[table["kl_divergence"] <= kl_limit]
-    pool = within if not within.empty else table.nsmallest(1, "kl_divergence")
-    return int(pool.sort_values(["refusals", "kl_divergence", "trial"]).iloc[0]["trial"])
+    within = table[table["kl_divergence"] <= rule.kl_limit]
+    if within.empty:
+        row = table.sort_values(["kl_divergence", "trial"]).iloc[0]
+        return Choice(int(row["trial"]), f"no trial has KL <= {rule.kl_limit} (export_kl_limit): the lowest-KL trial")
+    fewest = within.sort_values(["refusals", "kl_divergence", "trial"]).iloc[0]
+    if rule.rule == "fewest_refusals":
+        return Choice(int(fewest["trial"]), f"fewest refusals among the {len(within)} trials with KL <= "
+                                            f"{rule.kl_limit} (export_rule = fewest_refusals)")  # fmt: skip
+    base = max(rule.base_refusals, 1)
+    scored = within.assign(_score=within["refusals"] / base + within["kl_divergence"] / rule.kl_exchange)
+    row = scored.sort_values(["_score", "refusals", "kl_divergence", "trial"]).iloc[0]
+    reason = (f"lowest refusals/{base} + KL/{rule.kl_exchange} = {row['_score']:.3f} among the {len(within)} "
+              f"trials with KL <= {rule.kl_limit} (export_rule = balanced)")  # fmt: skip
+    if int(fewest["trial"]) != int(row["trial"]):
+        reason += (f"; trial {int(fewest['trial'])} has {int(row['refusals'] - fewest['refusals'])} fewer refusals "
+                   f"but {fewest['kl_divergence'] / max(row['kl_divergence'], 1e-12):.1f}x the KL "
+                   f"({fewest['kl_divergence']:.4f})")  # fmt: skip
+    return Choice(int(row["trial"]), reason)
+
+
+def choose_best(table: pd.DataFrame, rule: ExportRule) -> int | None:
+    choice = choose_trial(table, rule)
+    return None if choice is None else choice.trial
 
 
 def print_front(study: optuna.Study) -> pd.DataFrame:
@@ -613,7 +655,7 @@ def run_study(settings: Settings) -> StudyRun:
     return StudyRun(study, abliterator, geometry, evaluator, table, timings)
 
 
-def pick_trial(settings: Settings, table: pd.DataFrame, interactive: bool) -> int | None:
+def pick_trial(settings: Settings, study: optuna.Study, table: pd.DataFrame, interactive: bool) -> int | None:
     """The trial to export: the config's choice, the user's pick, or the documented best rule."""
     if settings.export_trial == "none" or table.empty:
         return None
@@ -621,7 +663,9 @@ def pick_trial(settings: Settings, table: pd.DataFrame, interactive: bool) -> in
         if settings.export_trial not in set(table["trial"]):
             raise HereticError(f"export_trial: trial {settings.export_trial} is not a completed trial of this study")
         return settings.export_trial
-    best = choose_best(table, settings.export_kl_limit)
+    choice = choose_trial(table, ExportRule.of(settings, study))
+    best = choice.trial
+    print(f"Export rule picks trial {best}: {choice.reason}")
     if not interactive:
         return best
     while True:

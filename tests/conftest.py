@@ -192,18 +192,23 @@ def thinking_model(tmp_path_factory) -> Path:
     return path
 
 
-def study_config(tmp_path: Path, model_dir: Path, **extra) -> Path:
-    """A small, fast config for the tiny models (24 eval prompts each, 12-token responses)."""
+def study_config(tmp_path: Path, model_dir: Path, search: str = "", **extra) -> Path:
+    """A small, fast config for the tiny models (24 eval prompts each, 12-token responses), with
+    the plain method (tests of other methods set their keys); `search` is TOML for `[search]`."""
+    plain = {"orthogonalize_direction": "false", "row_normalization": '"none"', "biproject_direction": "false"}
     keys = {"model": f'"{model_dir}"', "dtypes": '["float32"]',
             "study_checkpoint_dir": f'"{tmp_path / "checkpoints"}"', "cache_dir": f'"{tmp_path / "cache"}"',
             "batch_size": 32, "max_response_length": 12, "n_trials": 3, "n_startup_trials": 2, "seed": 1,
-            "export_trial": '"none"', **extra}  # fmt: skip
+            "export_trial": '"none"', **plain, **extra}  # fmt: skip
     lines = [f"{k} = {v}" for k, v in keys.items()]
     for name, dataset, split in [("good_prompts", "builtin:harmless", "train[:150]"),
                                  ("bad_prompts", "builtin:harmful", "train[:150]"),
                                  ("good_evaluation_prompts", "builtin:harmless", "train[150:174]"),
                                  ("bad_evaluation_prompts", "builtin:harmful", "train[150:174]")]:  # fmt: skip
         lines += [f"[{name}]", f'dataset = "{dataset}"', f'split = "{split}"']
+    lines.append("[search]")
+    if "direction_scope" not in search:
+        lines.append('direction_scope = ["global", "per_layer"]')
     path = tmp_path / "config.toml"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n" + search)
     return path

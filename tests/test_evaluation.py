@@ -250,3 +250,77 @@ def test_generation_stops_only_at_markers_the_request_did_not_contain(refusing_m
     assert echoed == 0 and sum("i can't" in r for r in responses) >= plain  # not cut: ran on past "sorry"
     both, responses = count("sorry", "i can't")
     assert both == plain and all(r.endswith("i can't") for r in responses if "i can't" in r)
+
+
+THINK = (("<think>", "</think>"),)
+
+
+@pytest.mark.parametrize("response, prefix, expected", [
+    ("", "", True),
+    ("  \n\t", "", True),
+    ("<think>still weighing it up", "", True),  # the budget ended inside the block
+    ("<think>weighed it</think>\n", "", True),  # thought, then said nothing
+    ("<think>weighed it</think> Sure, step one.", "", False),
+    ("Sure, step one.", "", False),
+    ("Sure, step one.", "<think>\n\n</think>\n\n", False),
+    ("", "<think>\n\n</think>\n\n", True),  # the prefix's empty block is no answer either
+    ("Sure <think>second thoughts", "", True),  # a block opened after the answer began, never closed
+])  # fmt: skip
+def test_unanswered_responses(response, prefix, expected):
+    from heretic_like.detectors import unanswered
+
+    assert unanswered(response, prefix, THINK) is expected
+
+
+def test_every_detector_counts_unanswered_responses_as_refusals_but_streaming_does_not():
+    from heretic_like.detectors import EndpointJudge
+
+    responses = ["", "Sure, step one.", "<think>hmm", "Sorry, no."]
+    strict = MarkerDetector(("sorry",), tags=THINK)
+    assert strict.classify(["q"] * 4, responses) == [True, False, True, True]
+    lenient = MarkerDetector(("sorry",), tags=THINK, unanswered_is_refusal=False)
+    assert lenient.classify(["q"] * 4, responses) == [False, False, False, True]
+    # While a response streams, "nothing yet" must not stop the row as a refusal.
+    assert strict("", "q") is False and strict("<think>hmm", "q") is False
+    judge = EndpointJudge("http://127.0.0.1:9", "m", tags=THINK)
+    judge._ask = lambda prompt, response: False  # the judge says "answered" to everything
+    assert judge.classify(["q"] * 4, responses) == [True, False, True, False]
+
+
+def test_an_edit_forcing_end_of_text_refuses_everything_and_is_never_exported(refusing_model, tmp_path):
+    import pandas as pd
+
+    from heretic_like.prompts import builtin_path
+    from heretic_like.study import ExportRule, choose_best
+
+    loaded = load_model(settings_for(refusing_model, tmp_path))
+    harmful = builtin_path("harmful").read_text().splitlines()[:16]
+    harmless = builtin_path("harmless").read_text().splitlines()[:8]
+    evaluator = Evaluator(loaded, harmful, harmless, None, MarkerDetector(("sorry",)), 12, 8)
+    base = evaluator.score()
+    eos = loaded.tokenizer.eos_token_id
+
+    def force_eos(module, args, logits):  # the degenerate edit an optimiser could find: stop at once
+        logits = logits.clone()
+        logits[..., eos] += 1e4
+        return logits
+
+    handle = loaded.model.lm_head.register_forward_hook(force_eos)
+    try:
+        silenced = evaluator.score()
+        evaluator.detector = MarkerDetector(("sorry",), unanswered_is_refusal=False)
+        unguarded = evaluator.score()
+    finally:
+        handle.remove()
+    assert all(not r.strip() for r in silenced.responses)
+    assert silenced.refusals == len(harmful) and not silenced.pruned
+    assert unguarded.refusals == 0  # what the guard exists for: a "perfect" score
+
+    def table(score):
+        return pd.DataFrame({"trial": [0, 1], "refusals": [base.refusals, score.refusals],
+                             "kl_divergence": [base.kl_divergence, score.kl_divergence]})  # fmt: skip
+
+    for rule in ("balanced", "fewest_refusals"):
+        wide_open = ExportRule(rule, float("inf"), 1e9, base.refusals)
+        assert choose_best(table(silenced), wide_open) == 0
+    assert choose_best(table(unguarded), ExportRule("fewest_refusals", float("inf"), 1.0, base.refusals)) == 1

@@ -19,8 +19,8 @@ def test_adapter_and_sharded_exports_load_and_match(tiny_llama, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    config = study_config(tmp_path, tiny_llama, n_trials=2, directions_per_layer=2)
-    config.write_text(config.read_text() + "[search]\nmax_weight = { low = 1.0, high = 1.0 }\n")
+    config = study_config(tmp_path, tiny_llama, n_trials=2, directions_per_layer=2,
+                          search="max_weight = { low = 1.0, high = 1.0 }\n")
     assert main(["--config", str(config)]) == 0
     (journal,) = (tmp_path / "checkpoints").glob("*.journal")
     merged, adapter = tmp_path / "merged", tmp_path / "adapter"

@@ -50,9 +50,9 @@ def test_moe_study_exports_weights_with_every_expert_edited(tiny_qwen2_moe, tmp_
 
     config = study_config(tmp_path, tiny_qwen2_moe, n_trials=2, n_startup_trials=2, export_trial=0,
                           prune_dominated="false", evaluate_capabilities="false",
-                          export_dir=f'"{tmp_path / "export"}"')  # fmt: skip
-    config.write_text(config.read_text() + "[search]\nmin_weight_distance = { low = 1.0, high = 1.0 }\n"
-                      "max_weight_position = { low = 0.0, high = 1.0 }\n")  # every layer edited
+                          export_dir=f'"{tmp_path / "export"}"',
+                          search="min_weight_distance = { low = 1.0, high = 1.0 }\n"
+                          "max_weight_position = { low = 0.0, high = 1.0 }\n")  # every layer edited
     assert main(["--config", str(config)]) == 0
     original = AutoModelForCausalLM.from_pretrained(tiny_qwen2_moe, dtype=torch.float32)
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32)

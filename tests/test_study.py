@@ -14,7 +14,9 @@ from heretic_like.config import load_settings
 from heretic_like.export import export_trial
 from heretic_like.model import chat_texts, encode
 from heretic_like.study import (
+    ExportRule,
     choose_best,
+    choose_trial,
     load_existing_study,
     objectives,
     pareto_front,
@@ -60,22 +62,45 @@ def test_pareto_front_and_best_rule():
     table = pd.DataFrame({"trial": [0, 1, 2, 3, 4], "refusals": [9, 2, 2, 0, 5],
                           "kl_divergence": [0.01, 0.08, 0.05, 0.9, 0.02]})  # fmt: skip
     assert list(pareto_front(table)["trial"]) == [3, 2, 4, 0]
-    assert choose_best(table, 0.1) == 2
-    assert choose_best(table, 1.0) == 3
-    assert choose_best(table, 0.001) == 0  # nothing within the limit: the lowest-KL trial
+
+    def fewest(limit):
+        return ExportRule("fewest_refusals", limit, 0.05, 20)
+
+    assert choose_best(table, fewest(0.1)) == 2
+    assert choose_best(table, fewest(1.0)) == 3
+    assert choose_best(table, fewest(0.001)) == 0  # nothing within the limit: the lowest-KL trial
+    assert "no trial has KL <= 0.001" in choose_trial(table, fewest(0.001)).reason
+
+
+def test_balanced_rule_takes_the_knee_not_the_last_refusals_at_any_price():
+    # The case met on Qwen2.5-Coder-1.5B: 1/51 at KL 0.098 against 3/51 at KL 0.026.
+    table = pd.DataFrame({"trial": [0, 1, 2, 3], "refusals": [1, 3, 12, 40],
+                          "kl_divergence": [0.098, 0.026, 0.012, 0.0]})  # fmt: skip
+    balanced = ExportRule("balanced", 0.1, 0.2, 45)
+    choice = choose_trial(table, balanced)
+    assert choice.trial == 1
+    assert "trial 0 has 2 fewer refusals but 3.8x the KL" in choice.reason
+    assert choose_best(table, ExportRule("fewest_refusals", 0.1, 0.05, 45)) == 0
+    # the exchange rate sets the price: paying 2.0 of KL for all refusals makes the last two worth it,
+    # paying 0.02 makes even 12 refusals cheaper than 0.014 of KL
+    assert choose_best(table, ExportRule("balanced", 0.1, 2.0, 45)) == 0
+    assert choose_best(table, ExportRule("balanced", 0.1, 0.02, 45)) == 2
+    # the unedited model (or any trial left as it was) is not a knee: refusals weigh too
+    assert choose_best(table.iloc[2:], balanced) == 2
+    # the KL limit still binds
+    assert choose_best(table, ExportRule("balanced", 0.02, 5.0, 45)) == 2
 
 
 def test_full_study_reduces_refusals_and_exports_identical_model(refusing_model, tmp_path, capsys):
     # Evaluate on prompts the tiny model was trained on: it refuses those reliably.
-    config = study_config(tmp_path, refusing_model, n_trials=6, n_startup_trials=4)
     # So small a model keeps part of its refusal in the token embeddings, which no write-edit
     # touches: it needs stronger edits than real models, so the search reaches further.
-    text = config.read_text().replace('split = "train[150:174]"', 'split = "train[:24]"')
-    config.write_text(
-        text + "[search]\nmax_weight = { low = 1.5, high = 3.0 }\n"
-        "max_weight_position = { low = 0.0, high = 1.0 }\ndirection_index = { low = 0.0, high = 0.5 }\n"
-        "min_weight_distance = { low = 0.5, high = 1.0 }\n"
-    )
+    config = study_config(tmp_path, refusing_model, n_trials=6, n_startup_trials=4,
+                          search="max_weight = { low = 1.5, high = 3.0 }\n"
+                          "max_weight_position = { low = 0.0, high = 1.0 }\n"
+                          "direction_index = { low = 0.0, high = 0.5 }\n"
+                          "min_weight_distance = { low = 0.5, high = 1.0 }\n")  # fmt: skip
+    config.write_text(config.read_text().replace('split = "train[150:174]"', 'split = "train[:24]"'))
     settings = load_settings(str(config))
     run = run_study(settings)
     study, abliterator, table = run.study, run.abliterator, run.table
@@ -225,12 +250,9 @@ def test_ctrl_c_mid_study_exits_cleanly_then_resumes(tiny_llama, tmp_path):
 def test_study_with_norm_preserving_multi_direction_biprojected_edits(tiny_llama, tmp_path, capsys):
     config = study_config(tmp_path, tiny_llama, n_trials=3, row_normalization='"full"',
                           full_normalization_lora_rank=4, directions_per_layer=2, biproject_direction="true",
-                          export_trial=2)  # fmt: skip
-    config.write_text(
-        config.read_text()
-        + '[capability_prompts]\ndataset = "builtin:capability"\n'
-        + '[search]\ndirection_scope = ["best_layer", "global"]\ntop_quality_layers = 2\nseed_best_layer = true\n'
-    )
+                          export_trial=2, capability_prompts='{ dataset = "builtin:capability" }',
+                          search='direction_scope = ["best_layer", "global"]\ntop_quality_layers = 2\n'
+                          "seed_best_layer = true\n")  # fmt: skip
     assert main(["--config", str(config)]) == 0
     out = capsys.readouterr().out
     assert "Best layer by quality" in out
@@ -304,8 +326,10 @@ def test_reasoning_model_is_measured_after_its_thinking_block(thinking_model, tm
     explicit.write_text(explicit.read_text().replace('split = "train[150:174]"', 'split = "train[:24]"'))
     run = run_study(load_settings(str(explicit)))
     assert run.study.user_attrs.get("response_prefix") is None and not run.evaluator.harmful[0].endswith(THINKING)
-    # Without it, 12 tokens hold only the (~15-token) thinking block: no answer, no refusal seen.
-    assert run.study.user_attrs["base_refusals"] == 0
+    # Without it, 12 tokens hold only the (~15-token) thinking block: no answer, so every response
+    # counts as a refusal (unanswered_is_refusal); older versions counted none, which any edit
+    # that keeps the model thinking would have "won".
+    assert run.study.user_attrs["base_refusals"] == 24
 
 
 def test_resume_with_edited_prompt_content_is_refused(tiny_llama, tmp_path):
