@@ -288,23 +288,6 @@ def count_refusals(loaded: LoadedModel, texts: list[str], max_new_tokens: int, b
     return sum(verdicts), responses, tokens
 
 
-def autotune_batch_size(loaded: LoadedModel, texts: list[str], max_batch_size: int) -> int:
-    """Largest power-of-two batch (up to max) that still raises generation throughput by >10%."""
-    best, best_rate, size = 1, 0.0, 1
-    while size <= max_batch_size:
-        sample = (texts * (size // max(len(texts), 1) + 1))[:size]
-        try:
-            started = time.perf_counter()
-            generate(loaded, sample, max_new_tokens=4, batch_size=size)
-            rate = size / (time.perf_counter() - started)
-        except torch.OutOfMemoryError:
-            break
-        if rate < best_rate * 1.1:
-            break
-        best, best_rate, size = size, rate, size * 2
-    return best
-
-
 @dataclass
 class Score:
     refusals: int  # with `pruned`, a lower bound: generation stopped once it reached the cap

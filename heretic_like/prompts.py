@@ -37,6 +37,9 @@ def _resolve(spec: PromptSpec) -> tuple[str, dict, str]:
         if not path.is_file():
             raise HereticError(f"prompt file not found: {source}")
         builder = _BUILDERS[path.suffix.lower()]
+        # datasets reports an empty file as "An error occurred while generating the dataset".
+        if path.stat().st_size == 0 or (builder != "parquet" and not path.read_text(errors="replace").strip()):
+            raise HereticError(f"prompt file {source} is empty")
         column = "text" if builder == "text" else spec.column
         return builder, {"data_files": str(path)}, column
     return source, {}, spec.column  # a local dataset directory or a hub id
@@ -44,7 +47,10 @@ def _resolve(spec: PromptSpec) -> tuple[str, dict, str]:
 
 def load_prompts(spec: PromptSpec, what: str) -> list[str]:
     """Load one prompt set; `what` names it (e.g. 'bad_prompts') in any error."""
-    name, kwargs, column = _resolve(spec)
+    try:
+        name, kwargs, column = _resolve(spec)
+    except HereticError as exc:
+        raise HereticError(f"{what}: {exc}") from None
     logging.getLogger("datasets").setLevel(logging.ERROR)
     import datasets
 
@@ -55,6 +61,8 @@ def load_prompts(spec: PromptSpec, what: str) -> list[str]:
         raise
     except Exception as exc:  # datasets raises many types; the user needs one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "corresponds to no data" in first:  # a header without rows, or a slice past the end
+            raise HereticError(f"{what}: '{spec.dataset}' split '{spec.split}' holds no prompts") from None
         raise HereticError(f"{what}: cannot load '{spec.dataset}' split '{spec.split}': {first}") from None
     if column not in data.column_names:
         raise HereticError(

@@ -25,11 +25,12 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .ablation import Abliterator, Edit, EditOptions
+from .batching import candidate_sizes, choose_batch_size, model_timer
 from .config import SearchSpace, Settings, build_settings, default_data, merge_dicts
 from .detectors import MarkerDetector, ModelJudge, agreement, build_detector
 from .directions import RefusalGeometry, collect_residuals, measure, winsorize
 from .errors import HereticError
-from .evaluation import Evaluator, autotune_batch_size, detect_response_prefix, generate
+from .evaluation import Evaluator, detect_response_prefix, generate
 from .kernel import Kernel
 from .model import LoadedModel, chat_texts, load_model, matches_fingerprint, model_fingerprint
 from .prompts import load_prompts, prompts_fingerprint
@@ -213,7 +214,7 @@ def _stamp(study: optuna.Study, settings: Settings) -> None:
     study.set_user_attr("config", settings.model_dump(mode="json"))
     study.set_user_attr("heretic_like_version", __version__)
     for key in ("model_fingerprint", "base_refusals", "base_refused_positions", "n_harmful_eval", "num_layers",
-                "response_prefix", "batch_size", "prompt_fingerprints"):
+                "response_prefix", "batch_size", "batch_size_choice", "prompt_fingerprints"):
         if study.user_attrs.get(key) is not None:
             study.set_user_attr(key, None)
 
@@ -490,6 +491,29 @@ def directions_batch(study: optuna.Study, default: int = 8) -> int:
     return int(attrs.get("directions_batch_size") or attrs.get("batch_size") or default)
 
 
+def choose_study_batch_size(settings: Settings, study: optuna.Study, loaded: LoadedModel, harmful: list[str],
+                            timings: dict[str, float]) -> int:  # fmt: skip
+    """`batch_size`, or with 0 the size chosen by measurement when the study began (kept in the
+    study with every size's timings, so a resume neither pays for the probe again nor lands on
+    another size because the machine was busier this time)."""
+    if settings.batch_size:
+        return settings.batch_size
+    stored = study.user_attrs.get("batch_size_choice")
+    if stored is not None and stored["size"] <= settings.max_batch_size:
+        print(f"Batch size: {stored['size']} (measured when the study began: {stored['reason']})")
+        return int(stored["size"])
+    started = time.perf_counter()
+    texts = chat_texts(loaded.tokenizer, harmful, settings.system_prompt)
+    measure = model_timer(loaded, texts, settings.max_response_length)
+    choice = choose_batch_size(measure, candidate_sizes(settings.max_batch_size))
+    timings["batch_size"] = time.perf_counter() - started
+    study.set_user_attr("batch_size_choice", choice.to_dict())
+    costs = ", ".join(f"{t.size}: {t.seconds_per_response:.3f}" for t in choice.timings)
+    print(f"Batch size: {choice.size} (measured in {timings['batch_size']:.0f} s; seconds per response {costs}; "
+          f"{choice.reason})")  # fmt: skip
+    return choice.size
+
+
 def prepare(settings: Settings, study: optuna.Study, prompts: dict[str, list[str]], timings: dict[str, float]):
     """Model, batch size, directions and evaluator: everything a trial needs (phases timed)."""
     started = time.perf_counter()
@@ -504,11 +528,7 @@ def prepare(settings: Settings, study: optuna.Study, prompts: dict[str, list[str
     if stored is None:
         study.set_user_attr("model_fingerprint", model_fingerprint(loaded.model))
         study.set_user_attr("num_layers", loaded.num_layers)
-    batch_size = settings.batch_size
-    if batch_size == 0:
-        sample = chat_texts(loaded.tokenizer, prompts["bad_evaluation_prompts"][:8], settings.system_prompt)
-        batch_size = autotune_batch_size(loaded, sample, settings.max_batch_size)
-        print(f"Batch size: {batch_size} (auto)")
+    batch_size = choose_study_batch_size(settings, study, loaded, prompts["bad_evaluation_prompts"], timings)
     if study.user_attrs.get("batch_size") is None:  # directions depend (in the last bits) on the batching
         study.set_user_attr("batch_size", batch_size)
         study.set_user_attr("directions_batch_size", settings.directions_batch_size or batch_size)

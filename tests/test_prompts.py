@@ -54,10 +54,16 @@ def test_errors_name_the_set_and_culprit(tmp_path):
         load_prompts(PromptSpec(dataset=str(csv)), "bad_prompts")
     with pytest.raises(HereticError, match="prompt file not found"):
         load_prompts(PromptSpec(dataset=str(tmp_path / "missing.txt")), "x")
-    empty = tmp_path / "empty.txt"
-    empty.write_text("\n  \n")
-    with pytest.raises(HereticError, match="good_prompts: .* holds no prompts|good_prompts: cannot load"):
-        load_prompts(PromptSpec(dataset=str(empty)), "good_prompts")
+    for name, text in (("empty.txt", ""), ("blank.txt", "\n  \n"), ("empty.csv", ""), ("empty.jsonl", "\n")):
+        empty = tmp_path / name
+        empty.write_text(text)
+        with pytest.raises(HereticError) as err:
+            load_prompts(PromptSpec(dataset=str(empty)), "good_prompts")
+        assert str(err.value) == f"good_prompts: prompt file {empty} is empty"
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("text\n")
+    with pytest.raises(HereticError, match=r"good_prompts: .*header.csv' split 'train' holds no prompts"):
+        load_prompts(PromptSpec(dataset=str(header_only)), "good_prompts")
     with pytest.raises(HereticError, match="unknown built-in prompt set 'builtin:nope'"):
         load_prompts(PromptSpec(dataset="builtin:nope"), "x")
     with pytest.raises(HereticError, match="x: cannot load .* split 'validation'"):

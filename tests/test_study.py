@@ -374,3 +374,20 @@ def test_prompts_refused_by_most_finished_trials_are_scored_first():
         study.add_trial(create_trial(state=state, values=values, user_attrs={"refused_positions": refused}))
     # 9: two finished trials; 4: one, and the unedited model; then the unedited model's; failed trials don't count
     assert hardest_first(study) == [9, 4, 0, 7]
+
+
+def test_measured_batch_size_and_unedited_counts_are_kept_for_the_resume(tiny_llama, tmp_path, capsys):
+    config = study_config(tmp_path, tiny_llama, n_trials=1, batch_size=0, max_batch_size=4)
+    first = run_study(load_settings(str(config)))
+    choice = first.study.user_attrs["batch_size_choice"]
+    assert choice["size"] in (1, 2, 4) and [t["size"] for t in choice["timings"]] == [1, 2, 4]
+    assert all(t["seconds_per_response"] > 0 for t in choice["timings"])
+    assert first.evaluator.batch_size == choice["size"] and "batch_size" in first.timings
+    capsys.readouterr()
+    resumed = run_study(load_settings(str(config), {"n_trials": 2}))
+    out = capsys.readouterr().out
+    assert f"Batch size: {choice['size']} (measured when the study began" in out
+    assert resumed.evaluator.batch_size == choice["size"]
+    # neither the probe nor the unedited model's generation runs again
+    assert "batch_size" not in resumed.timings and "base_refusals" not in resumed.timings
+    assert f"Unedited model refuses {first.study.user_attrs['base_refusals']}/24" in out
