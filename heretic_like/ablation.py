@@ -28,7 +28,7 @@ from torch import nn
 
 from .directions import RefusalGeometry, biproject, interpolate_direction, orthonormalize
 from .kernel import Kernel
-from .model import LoadedModel, Target
+from .model import LoadedModel, Target, peft_quietly
 
 # ----------------------------------------------------------------------------- pure maths
 
@@ -207,7 +207,8 @@ class Abliterator:
 
             config = LoraConfig(r=self.rank, lora_alpha=self.rank, lora_dropout=0.0, bias="none",
                                 target_modules=loaded.target_names(self.components))  # fmt: skip
-            self.peft_model = get_peft_model(loaded.model, config)
+            with peft_quietly():
+                self.peft_model = get_peft_model(loaded.model, config)
             self.peft_model.eval()
         self.targets = loaded.targets(self.components)  # LoRA-wrapped modules, if any
         self.originals = {t.name: t.weight.detach().to("cpu", copy=True) for t in self.targets if t.fused}

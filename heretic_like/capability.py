@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .detectors import MarkerDetector, strip_thinking
 from .errors import HereticError
 from .evaluation import count_refusals, generate
-from .model import LoadedModel, chat_texts
+from .model import LoadedModel, chat_texts, peft_quietly
 
 
 def _jsonl(name: str) -> list[dict]:
@@ -255,7 +255,8 @@ def evaluate_models(settings, compare: str, out_dir: str | Path | None = None) -
             from peft import PeftModel
 
             loaded = load_model(settings)
-            loaded.model = PeftModel.from_pretrained(loaded.model, compare).eval()
+            with peft_quietly():
+                loaded.model = PeftModel.from_pretrained(loaded.model, compare).eval()
         else:
             loaded = load_model(settings if which == "base" else settings.model_copy(update={"model": compare,
                                                                                             "gguf_file": None}))

@@ -147,31 +147,9 @@ def main(argv: list[str] | None = None) -> int:
             settings = settings_of(study, overrides)
             export_trial(study, settings, args.trial, args.out)
         else:
-            from .export import export_trial
-            from .study import pick_trial, run_study, verify_long_responses
+            from .pipeline import run_and_export
 
-            settings = load_settings(args.config, overrides)
-            if settings.evaluate_capabilities:
-                from .capability import require_lm_eval
-
-                require_lm_eval(settings)
-            run = run_study(settings)
-            interactive = sys.stdin.isatty() and not os.environ.get("CI")
-            number = pick_trial(settings, run.study, run.table, interactive)
-            if number is not None:
-                verify_long_responses(run, settings, number)
-                if settings.evaluate_capabilities:
-                    from .capability import evaluate_trial
-
-                    evaluate_trial(run, settings, number)
-                export_trial(run.study, settings, number, None, run.abliterator)
-            elif not run.table.empty:  # nothing exported: still record how to rebuild the best trial
-                from .reproduce import build_record, write_record
-                from .study import ExportRule, choose_best, study_file
-
-                best = choose_best(run.table, ExportRule.of(settings, run.study))
-                path = write_record(build_record(run.study, settings, best), study_file(settings, ".reproduce.json"))
-                print(f"Best trial {best} recorded in {path}")
+            run_and_export(load_settings(args.config, overrides), sys.stdin.isatty() and not os.environ.get("CI"))
     except HereticError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -6,9 +6,12 @@ writes a plain safetensors copy into `cache_dir` and later loads read that (~0.1
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -301,6 +304,16 @@ def load_model(settings: Settings) -> LoadedModel:
     layers_path = find_decoder_layers(model)
     num_layers = len(model.get_submodule(layers_path))
     return LoadedModel(model, tokenizer, layers_path, num_layers, source)
+
+
+@contextlib.contextmanager
+def peft_quietly() -> Iterator[None]:
+    """Wrapping a model with peft asks transformers for `is_gradient_checkpointing`, which
+    transformers 5 deprecates with a FutureWarning on every run. The call is peft's, not ours:
+    silence exactly that warning, only around peft's wrapping."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def chat_texts(tokenizer, prompts: list[str], system_prompt: str | None, response_prefix: str = "") -> list[str]:

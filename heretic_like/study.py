@@ -664,6 +664,7 @@ def run_study(settings: Settings) -> StudyRun:
     remaining = settings.n_trials - done
     if remaining > 0:
         bar = tqdm(total=settings.n_trials, initial=done, desc="trials", unit="trial")
+        started = time.perf_counter()
         try:
             study.optimize(objective, n_trials=remaining, callbacks=[
                 optuna.study.MaxTrialsCallback(settings.n_trials, states=FINISHED),
@@ -671,29 +672,31 @@ def run_study(settings: Settings) -> StudyRun:
             ])  # fmt: skip
         finally:
             bar.close()
+            timings["trials"] = time.perf_counter() - started
     table = print_front(study)
     return StudyRun(study, abliterator, geometry, evaluator, table, timings)
 
 
-def pick_trial(settings: Settings, study: optuna.Study, table: pd.DataFrame, interactive: bool) -> int | None:
-    """The trial to export: the config's choice, the user's pick, or the documented best rule."""
+def pick_trial(settings: Settings, study: optuna.Study, table: pd.DataFrame, interactive: bool) -> Choice | None:
+    """The trial to export and why: the config's choice, the user's pick, or the export rule's."""
     if settings.export_trial == "none" or table.empty:
         return None
     if isinstance(settings.export_trial, int):
         if settings.export_trial not in set(table["trial"]):
             raise HereticError(f"export_trial: trial {settings.export_trial} is not a completed trial of this study")
-        return settings.export_trial
+        return Choice(settings.export_trial, f"export_trial = {settings.export_trial}")
     choice = choose_trial(table, ExportRule.of(settings, study))
-    best = choice.trial
-    print(f"Export rule picks trial {best}: {choice.reason}")
+    print(f"Export rule picks trial {choice.trial}: {choice.reason}")
     if not interactive:
-        return best
+        return choice
     while True:
-        answer = input(f"Trial to export [{best}; 'none' to skip]: ").strip() or str(best)
+        answer = input(f"Trial to export [{choice.trial}; 'none' to skip]: ").strip() or str(choice.trial)
         if answer == "none":
             return None
+        if answer == str(choice.trial):
+            return choice
         if answer.isdigit() and int(answer) in set(table["trial"]):
-            return int(answer)
+            return Choice(int(answer), "picked at the prompt")
         print(f"'{answer}' is not a completed trial number", file=sys.stderr)
 
 

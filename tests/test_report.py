@@ -31,3 +31,20 @@ def test_pca_projection_separates_planted_clusters(tmp_path):
         assert (bad[:, 0].mean() - good[:, 0].mean()).abs() > 8
     assert plot_residuals(harmful, harmless, tmp_path / "r.png", "t") in ("PCA", "PaCMAP")
     assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_summary_block_says_what_was_chosen_measured_and_written(tmp_path):
+    import pandas as pd
+
+    from heretic_like.summary import RunSummary, summary_block
+
+    capability = pd.DataFrame({"metric": ["multiple choice"], "base": [0.5], "edited": [0.48], "delta": [-0.02]})
+    full = summary_block(RunSummary(7, "the knee", 2, 64, 20, 0.0171, {"refusals_long": 3, "length": 256},
+                                    capability, tmp_path / "out", "checkpoints/x.journal",
+                                    {"load": 3.04, "trials": 1800.2}))  # fmt: skip
+    assert "Chosen trial 7: the knee" in full and "2/64 in the study's short responses (unedited model: 20/64)" in full
+    assert "3/64 with 256-token responses" in full and "multiple choice -0.020" in full and "0.0171" in full
+    assert "time       load 3 s, trials 1800 s" in full
+    assert f"evaluate --compare {tmp_path / 'out'}" in full and "chat --study checkpoints/x.journal --trial 7" in full
+    bare = summary_block(RunSummary(7, "r", 2, 64, 20, 0.01, None, None, None, "s.journal"))
+    assert "256-token" not in bare and "capability" not in bare and "evaluate --compare" not in bare

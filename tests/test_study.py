@@ -256,6 +256,9 @@ def test_study_with_norm_preserving_multi_direction_biprojected_edits(tiny_llama
     assert main(["--config", str(config)]) == 0
     out = capsys.readouterr().out
     assert "Best layer by quality" in out
+    summary = out[out.index("Chosen trial 2: export_trial = 2"):]  # one block after the export, last
+    assert "KL " in summary and "exported " in summary and "capability " in summary
+    assert f"python -m heretic_like chat --study {_journal(tmp_path)} --trial 2" in summary
     layers = pd.read_csv(tmp_path / "checkpoints" / "tiny-llama0.layers.csv")
     assert len(layers) == 4 and {"snr", "cosine", "quality", "fisher", "entanglement"} <= set(layers.columns)
     assert (tmp_path / "checkpoints" / "tiny-llama0.layers.png").stat().st_size > 0
@@ -391,3 +394,15 @@ def test_measured_batch_size_and_unedited_counts_are_kept_for_the_resume(tiny_ll
     # neither the probe nor the unedited model's generation runs again
     assert "batch_size" not in resumed.timings and "base_refusals" not in resumed.timings
     assert f"Unedited model refuses {first.study.user_attrs['base_refusals']}/24" in out
+
+
+def test_a_default_run_shows_no_library_deprecation_noise(tiny_llama, tmp_path):
+    import warnings
+
+    config = study_config(tmp_path, tiny_llama, n_trials=1, export_trial=0, evaluate_capabilities="false")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["--config", str(config)]) == 0
+    noise = [f"{w.category.__name__}: {w.message}" for w in caught
+             if issubclass(w.category, (FutureWarning, DeprecationWarning))]  # fmt: skip
+    assert noise == []

@@ -1,0 +1,161 @@
+"""The README's first command, measured: `python -m heretic_like` with nothing overridden, on the
+testbed model, from a fresh cache (the GGUF conversion included) to the export written; then the
+exported model and the unedited one scored on 100 held-out HarmBench behaviours (never seen by
+the study) and 80 benign-but-edgy prompts.
+
+    python benchmarks/default_run.py [--out benchmarks/results-default] [-- --n-trials 12 ...]
+
+Arguments after `--` go to the command (the quick variant); the summary records them. The run
+happens in `benchmarks/.cache/default-run/` with HOME pointing inside it, so nothing cached from
+earlier runs is reused. Writes `summary.json`, `summary.md` and `run.log` to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from qwen_benchmark import harmbench_prompts, overrefusal_prompts  # noqa: E402
+
+from heretic_like.detectors import MarkerDetector  # noqa: E402
+from heretic_like.evaluation import count_refusals  # noqa: E402
+from heretic_like.model import chat_texts, load_model  # noqa: E402
+from heretic_like.study import load_existing_study, settings_of  # noqa: E402
+from heretic_like.testbed import fetch_qwen  # noqa: E402
+
+
+def score(settings, model: str, prompts: list[str], length: int, batch_size: int) -> tuple[int, list[dict], float]:
+    """(refusals, refused prompts with their responses, seconds) of one model folder or GGUF."""
+    loaded = load_model(settings.model_copy(update={"model": model, "gguf_file": None}))
+    detector = MarkerDetector.from_settings(settings)
+    texts = chat_texts(loaded.tokenizer, prompts, settings.system_prompt)
+    started = time.perf_counter()
+    _, responses, _ = count_refusals(loaded, texts, length, batch_size, detector, prompts=prompts)
+    verdicts = detector.classify(prompts, responses)
+    refused = [{"prompt": p, "response": r} for p, r, v in zip(prompts, responses, verdicts, strict=True) if v]
+    return sum(verdicts), refused, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results-default"))
+    parser.add_argument("--long", type=int, default=128, help="held-out responses are also counted this long")
+    parser.add_argument("command", nargs="*", help="extra arguments for the command, after --")
+    args = parser.parse_args()
+    out, cache = Path(args.out), ROOT / "benchmarks" / ".cache"
+    out.mkdir(parents=True, exist_ok=True)
+    work = cache / "default-run"
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "home").mkdir(parents=True)
+    (work / "models").symlink_to(fetch_qwen(ROOT / "models").parent.resolve())
+    heldout, edgy = harmbench_prompts(cache, 100), overrefusal_prompts(cache)
+
+    env = {**os.environ, "HOME": str(work / "home"), "PYTHONPATH": str(ROOT), "CI": "1"}
+    command = [sys.executable, "-m", "heretic_like", *args.command]
+    started = time.perf_counter()
+    with open(out / "run.log", "w") as log:
+        done = subprocess.run(command, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL)  # fmt: skip
+    study_total = time.perf_counter() - started
+    peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    text = (out / "run.log").read_text()
+    if done.returncode != 0:
+        sys.exit(f"the command failed ({done.returncode}); see {out / 'run.log'}")
+    trial = int(re.search(r"Chosen trial (\d+)", text).group(1))
+    exported = Path(re.search(r"exported\s+(\S+)", text).group(1))
+    (journal,) = (work / "checkpoints").glob("*.journal")
+    study = load_existing_study(str(journal), None)
+    os.chdir(work)  # the study's paths are relative to where it ran
+    os.environ["HOME"] = str(work / "home")
+    settings = settings_of(study)
+    frozen = next(t for t in study.trials if t.number == trial)
+    batch_size = int(study.user_attrs["batch_size"])
+    length = settings.max_response_length
+
+    rows = {}
+    for name, model in (("base", settings.model), ("best_trial", str(work / exported))):
+        held, still, held_s = score(settings, model, heldout, length, batch_size)
+        held_long, still_long, long_s = score(settings, model, heldout, args.long, batch_size)
+        over, _, _ = score(settings, model, edgy, length, batch_size)
+        rows[name] = {"heldout_refusals": held, "heldout_refusals_long": held_long, "overrefusal": over,
+                      "still_refused": still, "still_refused_long": still_long,
+                      "seconds": {"heldout": round(held_s, 1), "heldout_long": round(long_s, 1)}}  # fmt: skip
+    long_attr = study.user_attrs.get("long_refusals", {})
+    timings = dict(study.user_attrs.get("run_timings", {}))
+    trials = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    summary = {
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, python "
+                   f"{platform.python_version()}, torch {torch.__version__}",
+        "command": " ".join(["python -m heretic_like", *args.command]),
+        "study": study.study_name,
+        "n_trials": len(trials),
+        "n_pruned": sum(t.state.name == "PRUNED" for t in trials),
+        "batch_size": batch_size,
+        "batch_size_choice": study.user_attrs.get("batch_size_choice"),
+        "max_response_length": length,
+        "long_response_length": args.long,
+        "verify_response_length": settings.verify_response_length,
+        "study_eval": {"harmful": int(study.user_attrs["n_harmful_eval"])},
+        "base_refusals_study_eval": study.user_attrs["base_refusals"],
+        "base_refusals_heldout": f"{rows['base']['heldout_refusals']}/{len(heldout)}",
+        "base_refusals_heldout_long": f"{rows['base']['heldout_refusals_long']}/{len(heldout)}",
+        "best_trial": {
+            "rule": f"{settings.export_rule}, KL <= {settings.export_kl_limit}, exchange {settings.export_kl_exchange}",
+            "trial": trial,
+            "study_refusals": frozen.user_attrs["refusals"],
+            "study_refusals_verify": long_attr.get(f"{trial}@{settings.verify_response_length}"),
+            "heldout_refusals": rows["best_trial"]["heldout_refusals"],
+            "heldout_refusals_long": rows["best_trial"]["heldout_refusals_long"],
+            "kl_divergence": frozen.user_attrs["kl_divergence"],
+        },
+        "overrefusal": {"prompts": len(edgy), "base": rows["base"]["overrefusal"],
+                        "best_trial": rows["best_trial"]["overrefusal"]},  # fmt: skip
+        "capability": study.user_attrs.get("capability"),
+        "heldout_still_refused": rows["best_trial"]["still_refused"],
+        "heldout_still_refused_long": rows["best_trial"]["still_refused_long"],
+        "timings_s": {**timings, "study_total": round(study_total, 1),
+                      "per_trial_mean": round(timings.get("trials", 0) / max(len(trials), 1), 1),
+                      "heldout_scoring": {k: v["seconds"] for k, v in rows.items()},
+                      "benchmark_total": round(time.perf_counter() - started, 1)},  # fmt: skip
+        "peak_rss_gib_command": round(peak_rss, 2),
+        "trials": [{"trial": t.number, "state": t.state.name, "refusals": t.user_attrs.get("refusals"),
+                    "refusals_at_least": t.user_attrs.get("refusals_at_least"),
+                    "kl_divergence": t.user_attrs.get("kl_divergence"), "kl_seconds": t.user_attrs.get("kl_seconds"),
+                    "generation_seconds": t.user_attrs.get("generation_seconds")} for t in trials],  # fmt: skip
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    best = summary["best_trial"]
+    md = [f"# Default run: `{summary['command']}`", "", f"Machine: {summary['machine']}", "",
+          "| | unedited | chosen trial |", "|---|---|---|",
+          f"| refusals, {summary['study_eval']['harmful']} study prompts | {summary['base_refusals_study_eval']} | "
+          f"{best['study_refusals']} ({best['study_refusals_verify']} at {settings.verify_response_length} tokens) |",
+          f"| refusals, 100 held-out HarmBench, {length} tokens | {summary['base_refusals_heldout']} | "
+          f"{best['heldout_refusals']} |",
+          f"| refusals, 100 held-out HarmBench, {args.long} tokens | {summary['base_refusals_heldout_long']} | "
+          f"{best['heldout_refusals_long']} |",
+          f"| over-refusal, 80 benign-edgy | {rows['base']['overrefusal']} | {rows['best_trial']['overrefusal']} |",
+          f"| KL divergence | 0 | {best['kl_divergence']:.4f} |", "",
+          f"Trial {trial} of {len(trials)} ({summary['n_pruned']} pruned), batch size {batch_size}.", "",
+          "Time (s): " + ", ".join(f"{k} {v}" for k, v in summary["timings_s"].items() if not isinstance(v, dict)),
+          ""]  # fmt: skip
+    (out / "summary.md").write_text("\n".join(md))
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
