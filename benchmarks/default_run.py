@@ -35,7 +35,7 @@ from qwen_benchmark import harmbench_prompts, overrefusal_prompts  # noqa: E402
 from heretic_like.detectors import MarkerDetector  # noqa: E402
 from heretic_like.evaluation import count_refusals  # noqa: E402
 from heretic_like.model import chat_texts, load_model  # noqa: E402
-from heretic_like.study import load_existing_study, settings_of  # noqa: E402
+from heretic_like.store import load_existing_study, settings_of  # noqa: E402
 from heretic_like.testbed import fetch_qwen  # noqa: E402
 
 

@@ -29,9 +29,14 @@ sys.path.insert(0, str(ROOT))
 
 from qwen_benchmark import DATA, fetch_member  # noqa: E402
 
-from heretic_like import evaluation  # noqa: E402
 from heretic_like.config import load_settings  # noqa: E402
-from heretic_like.evaluation import SharedPrefix, generate_batches, left_padded, shared_prefix_length  # noqa: E402
+from heretic_like.generation import (  # noqa: E402
+    PREFILL_ROWS,
+    SharedPrefix,
+    generate_batches,
+    left_padded,
+    shared_prefix_length,
+)
 from heretic_like.model import chat_texts, load_model  # noqa: E402
 from heretic_like.testbed import fetch_qwen  # noqa: E402
 
@@ -84,7 +89,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--reps", type=int, default=2)
-    parser.add_argument("--chunk-rows", type=int, nargs="*", default=[evaluation.PREFILL_ROWS],
+    parser.add_argument("--chunk-rows", type=int, nargs="*", default=[PREFILL_ROWS],
                         help="rows per length-sorted prefill chunk; several values: one line each")
     args = parser.parse_args()
     torch.manual_seed(0)

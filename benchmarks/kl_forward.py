@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from heretic_like.config import load_settings  # noqa: E402
-from heretic_like.evaluation import first_token_logprobs, shared_prefix_length  # noqa: E402
+from heretic_like.generation import first_token_logprobs, shared_prefix_length  # noqa: E402
 from heretic_like.model import chat_texts, encode, load_model  # noqa: E402
 from heretic_like.prompts import load_prompts  # noqa: E402
 from heretic_like.testbed import fetch_qwen  # noqa: E402

@@ -67,9 +67,12 @@ def main() -> None:
 
     from heretic_like.ablation import Abliterator, EditOptions
     from heretic_like.config import load_settings, overrides_to_dict
+    from heretic_like.detectors import MarkerDetector
     from heretic_like.evaluation import Evaluator
+    from heretic_like.geometry import GeometryOptions, compute_geometry
     from heretic_like.model import load_model, model_fingerprint
-    from heretic_like.study import compute_geometry, load_all_prompts, sample_edit
+    from heretic_like.prompts import load_all_prompts
+    from heretic_like.search import sample_edit
     from heretic_like.testbed import fetch_qwen
 
     checkpoints = tempfile.mkdtemp()  # no cached directions: they are measured
@@ -81,11 +84,12 @@ def main() -> None:
     phase("fingerprint the weights", lambda: model_fingerprint(loaded.model))  # a study checks it on resume
     footprint = sum(p.numel() * p.element_size() for p in loaded.model.parameters()) / 2**30
     batch = settings.batch_size
-    geometry = phase("directions", lambda: compute_geometry(settings, loaded, prompts,
-                                                            settings.directions_batch_size or batch, verbose=False))
+    geometry = phase("directions", lambda: compute_geometry(GeometryOptions.from_settings(settings), loaded, prompts,
+                                                            settings.directions_batch_size or batch))
     evaluator = phase("reference log-probs (KL forward)", lambda: Evaluator(
-        loaded, prompts["bad_evaluation_prompts"], prompts["good_evaluation_prompts"], settings.system_prompt,
-        tuple(settings.refusal_markers), settings.max_response_length, batch, settings.stop_at_marker))  # fmt: skip
+        loaded, prompts.harmful_eval, prompts.harmless_eval, settings.system_prompt,
+        MarkerDetector.from_settings(settings), settings.max_response_length, batch,
+        settings.stop_at_marker))  # fmt: skip
     phase("unedited model: generation", lambda: evaluator.score("unedited"))
     abliterator = phase("edit set-up (LoRA adapters)", lambda: Abliterator(
         loaded, settings.search.components, geometry, EditOptions.from_settings(settings)))  # fmt: skip

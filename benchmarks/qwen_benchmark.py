@@ -32,9 +32,11 @@ sys.path.insert(0, str(ROOT))
 
 from heretic_like import evaluation  # noqa: E402
 from heretic_like.config import load_settings  # noqa: E402
-from heretic_like.evaluation import generate_batches  # noqa: E402
+from heretic_like.generation import generate_batches  # noqa: E402
 from heretic_like.model import chat_texts  # noqa: E402
-from heretic_like.study import ExportRule, choose_best, pareto_front, run_study, trial_edit  # noqa: E402
+from heretic_like.records import trial_edit  # noqa: E402
+from heretic_like.results import ExportRule, choose_best, pareto_front  # noqa: E402
+from heretic_like.study import run_study  # noqa: E402
 from heretic_like.testbed import fetch_qwen  # noqa: E402
 
 DATA = {

@@ -27,7 +27,8 @@ def row(trial) -> dict:
 
 
 def main() -> None:
-    from heretic_like.study import load_existing_study, open_study, run_study, settings_of
+    from heretic_like.store import load_existing_study, open_study, settings_of
+    from heretic_like.study import run_study
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("study", help="the journal (or storage URL) of the study to replay")

@@ -26,17 +26,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.qwen_benchmark import harmbench_prompts  # noqa: E402
-from heretic_like import evaluation  # noqa: E402
+from heretic_like import generation  # noqa: E402
+from heretic_like.detectors import MarkerDetector  # noqa: E402
 from heretic_like.model import chat_texts, encode  # noqa: E402
-from heretic_like.study import (  # noqa: E402
-    ExportRule,
-    choose_best,
-    load_existing_study,
-    settings_of,
-    study_abliterator,
-    trial_edit,
-    trials_table,
-)
+from heretic_like.records import trial_edit  # noqa: E402
+from heretic_like.results import ExportRule, choose_best, trials_table  # noqa: E402
+from heretic_like.store import load_existing_study, settings_of  # noqa: E402
+from heretic_like.study import study_abliterator  # noqa: E402
 
 
 def main() -> None:
@@ -58,7 +54,7 @@ def main() -> None:
     loaded = abliterator.loaded
     prompts = harmbench_prompts(ROOT / "benchmarks" / ".cache", args.heldout)
     texts = chat_texts(loaded.tokenizer, prompts, settings.system_prompt)
-    detector = evaluation.MarkerDetector.from_settings(settings)
+    detector = MarkerDetector.from_settings(settings)
     longest = max(args.lengths)
 
     def write() -> None:  # after each pass, so an interrupted run keeps what it measured
@@ -96,7 +92,7 @@ def main() -> None:
             batch = encode(loaded.tokenizer, texts[start : start + args.batch_size], loaded.device)
             width = batch["input_ids"].shape[1]
             asked = prompts[start : start + args.batch_size]
-            stop = StoppingCriteriaList([evaluation.StopAtMarker(loaded.tokenizer, width, detector, True, None, asked)])
+            stop = StoppingCriteriaList([generation.StopAtMarker(loaded.tokenizer, width, detector, True, None, asked)])
             with torch.inference_mode():
                 output = loaded.model.generate(**batch, max_new_tokens=longest, do_sample=False, temperature=None,
                                                top_p=None, top_k=None, pad_token_id=loaded.tokenizer.pad_token_id,

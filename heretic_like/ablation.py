@@ -1,19 +1,8 @@
-"""The edit: remove refusal directions from what each targeted module writes, W <- W - w v v^T W.
+"""A trial's edit and the object that applies it.
 
-The maths is a handful of pure functions on one weight matrix and a (k, d_out) orthonormal basis
-of directions with per-direction strengths:
-
-- `row_normalization = "none"`: the classic projection, exactly a rank-k LoRA (A = V W,
-  B = -V^T diag(w)).
-- `"pre"`: the same projection applied to the row-normalised weight, then scaled back by each
-  row's norm; still an exact rank-k LoRA.
-- `"full"`: norm-preserving: the projected row directions are renormalised and recombined with
-  the original row norms, so every row keeps its norm exactly. That is no longer low-rank: trials
-  use the best rank-`full_normalization_lora_rank` approximation (reporting its error), export
-  writes the exact weights.
-
-`Abliterator` holds the model, wrapped once (peft LoRA, or forward hooks in "hooks" mode), and
-swaps the factors for each trial without reloading anything.
+`Edit` is what a trial samples (a direction choice and a strength kernel per component);
+`Abliterator` holds the model, wrapped once through an edit backend (`backends`), and swaps the
+edit for each trial without reloading anything. The maths of one module's edit is `projection`.
 """
 
 from __future__ import annotations
@@ -26,78 +15,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .backends import EditBackend, FusedBackend, HookBackend, LoraBackend
 from .directions import RefusalGeometry, biproject, interpolate_direction, orthonormalize
 from .kernel import Kernel
-from .model import LoadedModel, Target, peft_quietly
+from .model import LoadedModel, Target
+from .projection import edited_weight, low_rank_factors, subspace_factors
 
-# ----------------------------------------------------------------------------- pure maths
-
-
-def subspace_factors(weight: torch.Tensor, basis: torch.Tensor, strengths: torch.Tensor,
-                     row_normalization: str = "none") -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """LoRA factors (A: k x in, B: out x k), fp32, with B @ A the "none" or "pre" edit's delta."""
-    w = weight.float()
-    v = basis.float().to(w.device)
-    s = strengths.float().to(w.device)
-    if row_normalization == "pre":
-        norms = w.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        return v @ (w / norms), -(norms * v.T * s)
-    if row_normalization != "none":
-        raise ValueError(f"no exact low-rank factors for row_normalization={row_normalization!r}")
-    return v @ w, -(v.T * s)
-
-
-def rank1_factors(weight: torch.Tensor, direction: torch.Tensor, strength: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The classic single-direction edit: B @ A = -strength * r r^T W."""
-    return subspace_factors(weight, direction[None], torch.tensor([strength]))
-
-
-def direct_edit(weight: torch.Tensor, direction: torch.Tensor, strength: float) -> torch.Tensor:
-    """W - strength * r r^T W computed on the weight itself (a reference for tests)."""
-    w = weight.float()
-    r = direction.float().to(w.device)
-    return w - strength * torch.outer(r, r @ w)
-
-
-def edited_weight(weight: torch.Tensor, basis: torch.Tensor, strengths: torch.Tensor,
-                  row_normalization: str = "none") -> torch.Tensor:  # fmt: skip
-    """The exact edited weight (fp32) for any row normalisation.
-
-    "full" follows the norm-preserving recipe: split W into row norms and unit row directions,
-    project the directions, renormalise them, and recombine with the original norms.
-    """
-    if row_normalization != "full":
-        a, b = subspace_factors(weight, basis, strengths, row_normalization)
-        return weight.float() + b @ a
-    w = weight.float()
-    v = basis.float().to(w.device)
-    norms = w.norm(dim=1, keepdim=True)
-    unit = w / norms.clamp_min(1e-12)
-    projected = unit - (v.T * strengths.float().to(w.device)) @ (v @ unit)
-    return norms * torch.nn.functional.normalize(projected, dim=1)
-
-
-def low_rank_factors(delta: torch.Tensor, rank: int, oversample: int = 8, iterations: int = 2,
-                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Best rank-`rank` approximation B @ A of `delta` (randomised SVD with a fixed seed, so the
-    same inputs always give the same factors; torch.svd_lowrank takes no generator)."""
-    delta = delta.float()
-    out_dim, in_dim = delta.shape
-    if min(out_dim, in_dim) <= rank + oversample:
-        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-    else:
-        generator = torch.Generator(device=delta.device).manual_seed(seed)
-        omega = torch.randn(in_dim, rank + oversample, generator=generator, device=delta.device)
-        q = torch.linalg.qr(delta @ omega).Q
-        for _ in range(iterations):
-            q = torch.linalg.qr(delta @ (delta.T @ q)).Q
-        u_small, s, vh = torch.linalg.svd(q.T @ delta, full_matrices=False)
-        u = q @ u_small
-    return vh[:rank], u[:, :rank] * s[:rank]
-
-
-# ----------------------------------------------------------------------------- the edit
-
+__all__ = ["Abliterator", "Edit", "EditOptions", "EditStats", "edited_weight", "low_rank_factors", "subspace_factors"]
 
 @dataclass(frozen=True)
 class EditOptions:
@@ -177,12 +101,9 @@ class EditStats:
 
 
 class Abliterator:
-    """Holds the wrapped model and swaps each trial's edit in and out.
-
-    Linear targets get a peft LoRA (or forward hooks in "hooks" mode). Fused MoE expert weights,
-    (experts, out, in) tensors no LoRA wraps, are edited in place, exactly, from an original kept
-    on the CPU: every expert is edited, none skipped.
-    """
+    """Holds the loaded model with its edit mechanisms (`backends`) and swaps each trial's edit in
+    and out without reloading anything: Linear targets through a peft LoRA (or forward hooks in
+    "hooks" mode), fused MoE expert weights edited in place, every expert, none skipped."""
 
     def __init__(self, loaded: LoadedModel, components: list[str], geometry: RefusalGeometry,
                  options: EditOptions | None = None):  # fmt: skip
@@ -196,25 +117,25 @@ class Abliterator:
             print(f"WARNING: {warning}", file=sys.stderr)
         full = self.options.row_normalization == "full"
         self.rank = self.options.full_normalization_lora_rank if full else geometry.directions_per_layer
-        self.peft_model = None
-        self.hooks = None
+        linear: EditBackend | None = None
         if self.options.mode == "hooks":
-            from .hooks import ProjectionHooks
-
-            self.hooks = ProjectionHooks()
+            linear = HookBackend()
         elif loaded.target_names(self.components):
-            from peft import LoraConfig, get_peft_model
-
-            config = LoraConfig(r=self.rank, lora_alpha=self.rank, lora_dropout=0.0, bias="none",
-                                target_modules=loaded.target_names(self.components))  # fmt: skip
-            with peft_quietly():
-                self.peft_model = get_peft_model(loaded.model, config)
-            self.peft_model.eval()
+            linear = LoraBackend(loaded, loaded.target_names(self.components), self.rank,
+                                 self.options.row_normalization)  # fmt: skip
         self.targets = loaded.targets(self.components)  # LoRA-wrapped modules, if any
-        self.originals = {t.name: t.weight.detach().to("cpu", copy=True) for t in self.targets if t.fused}
+        fused = [t for t in self.targets if t.fused]
+        self.linear = linear
+        self.fused = FusedBackend(fused, self.options.row_normalization) if fused else None
+        self.backends: list[EditBackend] = [b for b in (linear, self.fused) if b is not None]
+        if isinstance(linear, LoraBackend):
+            linear.modules = [t.module for t in self.targets if not t.fused]
         self.current: Edit | None = None
         self.stats = EditStats()
         self.reset()
+
+    def backend(self, target: Target) -> EditBackend:
+        return self.fused if target.fused else self.linear
 
     @property
     def modules(self) -> dict[str, list[nn.Module]]:
@@ -237,13 +158,8 @@ class Abliterator:
     def reset(self) -> None:
         """Back to the unedited model."""
         self.current = None
-        if self.hooks is not None:
-            self.hooks.clear()
-        for target in self.targets:
-            if target.fused:
-                target.weight.copy_(self.originals[target.name])
-            elif self.hooks is None:
-                target.module.lora_B["default"].weight.zero_()
+        for backend in self.backends:
+            backend.clear()
 
     def plan(self, edit: Edit) -> dict[str, list[tuple[torch.Tensor, torch.Tensor] | None]]:
         """Per component and layer: (basis, strengths) to apply, or None where the kernel is 0."""
@@ -259,15 +175,6 @@ class Abliterator:
             ]
         return out
 
-    def _edit_fused(self, target: Target, basis: torch.Tensor, strengths: torch.Tensor) -> None:
-        """Every expert's weight, edited exactly in place (from the CPU original)."""
-        weight = target.weight
-        for e, original in enumerate(self.originals[target.name]):
-            w = original.to(weight.device).float()
-            w = w.T if target.transposed else w
-            new = edited_weight(w, basis, strengths, self.options.row_normalization)
-            weight[e].copy_((new.T if target.transposed else new).to(weight.dtype))
-
     @torch.no_grad()
     def apply(self, edit: Edit) -> EditStats:
         self.reset()
@@ -279,33 +186,7 @@ class Abliterator:
             if entry is None:
                 continue
             stats.modules[target.component] += target.count
-            basis, strengths = entry
-            if target.fused:
-                self._edit_fused(target, basis, strengths)
-                continue
-            module = target.module
-            if self.hooks is not None:
-                self.hooks.set(module, basis, strengths)
-                continue
-            weight = target.weight
-            if self.options.row_normalization == "full":
-                w = weight.float()
-                delta = edited_weight(w, basis, strengths, "full") - w
-                a, b = low_rank_factors(delta, self.rank)
-                approx_delta = b @ a
-                scale = delta.norm().clamp_min(1e-12)
-                error = float((delta - approx_delta).norm() / scale)
-                stats.approximation_error = max(stats.approximation_error, error)
-                original = w.norm(dim=1)
-                approx = (w + approx_delta).norm(dim=1)
-                deviation = ((approx - original).abs() / original.clamp_min(1e-12)).max()
-                stats.row_norm_error = max(stats.row_norm_error, float(deviation))
-            else:
-                a, b = subspace_factors(weight, basis, strengths, self.options.row_normalization)
-            lora_a, lora_b = module.lora_A["default"].weight, module.lora_B["default"].weight
-            lora_a.zero_()
-            lora_a[: a.shape[0]].copy_(a.to(lora_a.dtype))
-            lora_b[:, : b.shape[1]].copy_(b.to(lora_b.dtype))
+            self.backend(target).set(target, *entry, stats)
         self.current = edit
         self.stats = stats
         return stats
@@ -313,18 +194,18 @@ class Abliterator:
     @torch.no_grad()
     def merged_model(self) -> nn.Module:
         """The plain model with the current edit written exactly into its weights (consumes the
-        wrapper). "none"/"pre" merge the LoRA; "full" and hook mode compute the exact weights;
-        fused experts already hold theirs."""
+        backends): each backend hands back the plain model (the LoRA dropped unmerged, hooks
+        removed, fused experts already exact) and each edited Linear gets its exact weight.
+
+        Merging the LoRA would add B @ A to every wrapped module, also where the kernel is 0: B is
+        zero there, but W + 0 turns every -0.0 of W into +0.0 (and which ones follow the sign of
+        0 * x in the matmul, so it differed from run to run), so an export and its rebuild were
+        numerically equal yet not byte-identical. Modules with zero strength are not touched."""
         plan = self.plan(self.current) if self.current is not None else {}
-        if self.hooks is not None:
-            self.hooks.remove()
-            model = self.loaded.model
-        elif self.peft_model is None:
-            return self.loaded.model
-        elif self.options.row_normalization != "full":
-            return self.peft_model.merge_and_unload()
-        else:
-            model = self.peft_model.unload()
+        model = self.loaded.model
+        for backend in self.backends:
+            model = backend.release(model)
+        self.backends = []
         for target in self.loaded.targets(list(plan)):  # plain modules again: hooks and LoRA are gone
             entry = plan[target.component][target.layer]
             if entry is None or target.fused:

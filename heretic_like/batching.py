@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from .evaluation import PREFILL_ROWS, SharedPrefix
+from .generation import PREFILL_ROWS, SharedPrefix
 from .model import LoadedModel
 
 GPU_MEMORY_SHARE = 0.85  # a size whose probe peaks above this share of device memory is not taken

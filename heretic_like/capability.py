@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from .detectors import MarkerDetector, strip_thinking
 from .errors import HereticError
-from .evaluation import count_refusals, generate
+from .evaluation import count_refusals
+from .generation import generate, left_padded
 from .model import LoadedModel, chat_texts, peft_quietly
 
 
@@ -54,17 +55,16 @@ def continuation_logprobs(loaded: LoadedModel, contexts: list[str], continuation
     out: list[tuple[float, int]] = []
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
-        width = max(len(ids) for ids, _ in batch)
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, (row, _) in enumerate(batch):  # right padding: positions line up from the start
-            ids[i, : len(row)] = torch.tensor(row)
-            mask[i, : len(row)] = 1
-        logits = loaded.model(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device)).logits
+        ids, mask = left_padded([row for row, _ in batch], tokenizer.pad_token_id, loaded.device)
+        # Only the positions that predict a continuation token get logits: a whole batch's
+        # (rows x length x vocabulary) would be 3 GiB at 64 rows on a 150k vocabulary.
+        keep = max(n for _, n in batch) + 1
+        logits = loaded.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                              logits_to_keep=keep).logits  # fmt: skip
         logprobs = F.log_softmax(logits.float(), dim=-1).cpu()
         for i, (row, n) in enumerate(batch):
             targets = torch.tensor(row[len(row) - n :])
-            predicted = logprobs[i, len(row) - n - 1 : len(row) - 1]  # position t predicts token t + 1
+            predicted = logprobs[i, keep - n - 1 : keep - 1]  # position t predicts token t + 1
             out.append((float(predicted.gather(1, targets[:, None]).sum()), n))
     return out
 
@@ -208,13 +208,15 @@ def add_to_card(readme: Path, table: pd.DataFrame) -> None:
 def evaluate_trial(run, settings, number: int) -> pd.DataFrame:
     """Unedited vs trial `number` in a finished study run (the model is already loaded): the
     table is printed, saved beside the study and kept in it for the model card."""
-    from .study import resolve_response_prefix, study_file, trial_edit
+    from .records import StudyRecord, response_prefix_of, trial_edit
+    from .store import study_file
 
     study = run.study
     batch = run.evaluator.batch_size
-    prefix = resolve_response_prefix(settings, study)
+    prefix = response_prefix_of(settings, study)
     edgy = _edgy(settings)
-    stored = dict(study.user_attrs.get("capability", {}))
+    record = StudyRecord(study)
+    stored = record.capability
     if "base" not in stored:
         run.abliterator.reset()
         stored["base"] = evaluate_capabilities(run.abliterator.loaded, settings, batch, prefix, edgy)
@@ -222,7 +224,7 @@ def evaluate_trial(run, settings, number: int) -> pd.DataFrame:
         edit, _ = trial_edit(study, number)
         run.abliterator.apply(edit)
         stored[str(number)] = evaluate_capabilities(run.abliterator.loaded, settings, batch, prefix, edgy)
-        study.set_user_attr("capability", stored)
+        record.capability = stored
     table = comparison(stored["base"], stored[str(number)])
     folder = study_file(settings, "").parent
     save_comparison(table, folder, f"{settings.resolved_study_name()}.capability-trial{number}")
@@ -261,7 +263,8 @@ def evaluate_models(settings, compare: str, out_dir: str | Path | None = None) -
             loaded = load_model(settings if which == "base" else settings.model_copy(update={"model": compare,
                                                                                             "gguf_file": None}))
         if prefix is None:  # "auto": detected once, on the base model, and used for both
-            from .study import load_all_prompts, sniff_response_prefix
+            from .prompts import load_all_prompts
+            from .study import sniff_response_prefix
 
             prefix = sniff_response_prefix(settings, loaded, load_all_prompts(settings), batch)
         print(f"Evaluating {which} model ({settings.model if which == 'base' else compare}) ...", flush=True)

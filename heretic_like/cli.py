@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             fetch_qwen(args.dest)
         elif args.command == "report":
             from .report import write_report
-            from .study import load_existing_study, settings_of
+            from .store import load_existing_study, settings_of
 
             study = load_existing_study(args.study, args.study_name)
             settings = settings_of(study, overrides)
@@ -102,15 +102,10 @@ def main(argv: list[str] | None = None) -> int:
                 settings = load_settings(None, overrides)
                 chat(load_model(settings), settings.system_prompt, args.max_new_tokens)
             else:
-                from .study import (
-                    ExportRule,
-                    choose_best,
-                    load_existing_study,
-                    settings_of,
-                    study_abliterator,
-                    trial_edit,
-                    trials_table,
-                )
+                from .records import trial_edit
+                from .results import ExportRule, choose_best, trials_table
+                from .store import load_existing_study, settings_of
+                from .study import study_abliterator
 
                 study = load_existing_study(args.study, args.study_name)
                 settings = settings_of(study, overrides)
@@ -141,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
         elif args.command == "export":
             from .export import export_trial
-            from .study import load_existing_study, settings_of
+            from .store import load_existing_study, settings_of
 
             study = load_existing_study(args.study, args.study_name)
             settings = settings_of(study, overrides)

@@ -21,10 +21,13 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from .errors import HereticError
+from .generation import first_token_logprobs
+from .model import chat_texts
 
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "`": "'", "\u00b4": "'"})
 
@@ -89,6 +92,17 @@ def is_refusal(response: str, markers: Sequence[str], prefix: str = "", tags: Se
     return any(m in text and m not in asked for m in map(normalize_text, markers))
 
 
+class Detector(Protocol):
+    """What counts a refusal. `classify` gives final verdicts (unanswered responses included);
+    a `streaming` detector can also be called on partial text, `detector(text, prompt)`, so
+    generation stops a row at its first marker."""
+
+    name: str
+    streaming: bool
+
+    def classify(self, prompts: list[str], responses: list[str]) -> list[bool]: ...
+
+
 @dataclass(frozen=True)
 class MarkerDetector:
     """Refusal = a marker substring in the answer (after the response prefix, outside thinking);
@@ -117,10 +131,6 @@ class MarkerDetector:
         return with_unanswered(verdicts, responses, self.prefix, self.tags, self.unanswered_is_refusal)
 
 
-def marker_detector(markers: Sequence[str] | MarkerDetector) -> MarkerDetector:
-    return markers if isinstance(markers, MarkerDetector) else MarkerDetector(tuple(markers))
-
-
 class ModelJudge:
     """A chat model judges each (request, answer): refusal when its first answer token is more
     likely "yes" than "no". `unedited()` (set by whoever edits the judging model) is entered
@@ -137,9 +147,6 @@ class ModelJudge:
         self.yes, self.no = _answer_tokens(loaded.tokenizer, "yes"), _answer_tokens(loaded.tokenizer, "no")
 
     def classify(self, prompts: list[str], responses: list[str]) -> list[bool]:
-        from .evaluation import first_token_logprobs
-        from .model import chat_texts
-
         questions = [JUDGE_QUESTION.format(prompt=p, response=strip_thinking(self.prefix + r, self.tags).strip())
                      for p, r in zip(prompts, responses, strict=True)]  # fmt: skip
         texts = chat_texts(self.loaded.tokenizer, questions, None)

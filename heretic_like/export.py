@@ -16,15 +16,19 @@ import optuna
 
 from . import __version__
 from .ablation import Abliterator, Edit
+from .backends import LoraBackend
 from .config import Settings
 from .errors import HereticError
-from .reproduce import build_record, weight_hashes, write_record
-from .study import long_refusals, study_abliterator, study_file, trial_edit
+from .provenance import build_record, weight_hashes, write_record
+from .records import StudyRecord, TrialRecord, trial_edit
+from .store import study_file
+from .study import study_abliterator
 
 
-def model_card(settings: Settings, study: optuna.Study, trial: optuna.trial.FrozenTrial, edit: Edit) -> str:
-    base = study.user_attrs.get("base_refusals", "?")
-    total = study.user_attrs.get("n_harmful_eval", "?")
+def model_card(settings: Settings, study: optuna.Study, trial: TrialRecord, edit: Edit) -> str:
+    record = StudyRecord(study)
+    base = "?" if record.base_refusals is None else record.base_refusals
+    total = "?" if record.n_harmful_eval is None else record.n_harmful_eval
     index = "per layer" if edit.direction_index is None else f"{edit.direction_index:.2f}"
     rows = [("direction_index", index), ("row_normalization", settings.row_normalization),
             ("orthogonalize_direction", str(settings.orthogonalize_direction).lower()),
@@ -37,11 +41,11 @@ def model_card(settings: Settings, study: optuna.Study, trial: optuna.trial.Froz
             rows.append((f"{component}.{key}", f"{value:.2f}"))
     params = "\n".join(f"| {k} | {v} |" for k, v in rows)
     long, length = "", settings.verify_response_length
-    long_count = long_refusals(study, trial.number, length)
+    long_count = record.long_refusals(trial.number, length)
     if long_count is not None:
         long = f"| refusals, {length}-token responses | {long_count}/{total} | — |\n"
     capability = ""
-    stored = study.user_attrs.get("capability", {})
+    stored = record.capability
     if "base" in stored and str(trial.number) in stored:
         from .capability import card_section, comparison
 
@@ -72,8 +76,8 @@ keeps its original norm), with the per-layer strength w given by the kernel belo
 
 | metric | this model | original model |
 |---|---|---|
-| KL divergence (first response token, harmless prompts) | {trial.user_attrs["kl_divergence"]:.4f} | 0 (by definition) |
-| refusals (harmful evaluation prompts) | {trial.user_attrs["refusals"]}/{total} | {base}/{total} |
+| KL divergence (first response token, harmless prompts) | {trial.kl_divergence:.4f} | 0 (by definition) |
+| refusals (harmful evaluation prompts) | {trial.refusals}/{total} | {base}/{total} |
 {long}
 Refusals are counted by marker strings in greedy responses of {settings.max_response_length} tokens.
 Removing refusals does not make a model's answers correct or safe; use responsibly.
@@ -128,14 +132,16 @@ def save_adapter(abliterator: Abliterator, edit: Edit, out_dir: str | Path, card
     if any(t.fused for t in abliterator.targets):
         raise HereticError("export_strategy = 'adapter' cannot carry edits of fused MoE expert weights "
                            "(no LoRA wraps a 3-D expert tensor); use export_strategy = 'merged'")  # fmt: skip
-    if abliterator.hooks is not None:
-        abliterator.hooks.remove()
+    if not isinstance(abliterator.linear, LoraBackend):  # hook mode: the same edit as a LoRA
+        abliterator.reset()
+        abliterator.merged_model()  # no edit applied: this only removes the hooks
         abliterator = Abliterator(abliterator.loaded, abliterator.components, abliterator.geometry,
                                   replace(abliterator.options, mode="lora"))  # fmt: skip
     abliterator.apply(edit)
+    lora = abliterator.linear
 
     def write(tmp: Path) -> None:
-        abliterator.peft_model.save_pretrained(tmp)
+        lora.save(tmp)
         abliterator.loaded.tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(card)
         if finish:

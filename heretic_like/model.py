@@ -345,32 +345,49 @@ def encode(tokenizer, texts: list[str], device: torch.device) -> dict[str, torch
     return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
 
 
-FINGERPRINT_VERSION = "w2-"  # fingerprints without it are the first kind (summed the embedding)
+# Kinds of fingerprint, by prefix. "" (the first): summed the first parameter (the embedding) and
+# the last; "w2-": the first parameter outside an input embedding and the last; "w3-": every
+# parameter outside an input embedding, sampled. Stored fingerprints of every kind still match.
+FINGERPRINT_VERSION = "w3-"
+FINGERPRINT_SAMPLE = 1 << 16  # elements summed per parameter (evenly strided)
 
 
-def model_fingerprint(model: nn.Module, legacy: bool = False) -> str:
-    """Cheap identity of the weights: config, parameter count and float64 checksums of two
-    parameters: the first outside an input embedding and the last.
+def _checksums(param: torch.Tensor, sample: bool) -> list[float]:
+    """float64 sum (and, sampled, the sum of squares) of a parameter, a slice at a time: no
+    float64 copy of a whole matrix."""
+    flat = param.detach().reshape(-1)
+    if not sample:
+        return [sum(float(part.double().sum()) for part in flat.split(1 << 22))]
+    picked = flat[:: max(1, flat.numel() // FINGERPRINT_SAMPLE)].double()
+    return [float(picked.sum()), float((picked * picked).sum())]
 
-    The embedding is skipped because reading all of it pages it in from the mapped weights file,
-    while a run only ever touches the rows of the tokens it sees (on the 0.5B subject, 0.5 GiB
-    of resident memory saved). `legacy` gives the first kind, which summed the first parameter
-    (the embedding), to check studies that stored one."""
+
+def model_fingerprint(model: nn.Module, kind: str = FINGERPRINT_VERSION) -> str:
+    """Cheap identity of the weights: config, parameter count and float64 checksums.
+
+    Every parameter an edit can touch is checksummed (a strided sample of each, sum and sum of
+    squares), so an abliterated copy put where the original was is not taken for it: the
+    earlier kinds summed only two parameters, which a rank-1 edit of a middle layer leaves as
+    they were. Input embeddings are skipped: reading all of one pages it in from the mapped
+    weights file, while a run only touches the rows of the tokens it sees (0.5 GiB of resident
+    memory on the 0.5B subject); no edit touches them. `kind` "" or "w2-" gives an older kind,
+    to check studies that stored one."""
     params = list(model.parameters())
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    first = params[0] if legacy else next((p for p in params if id(p) not in embeddings), params[0])
-    # Summed a slice at a time: no float64 copy of a whole matrix.
-    sums = [sum(float(part.double().sum()) for part in p.detach().reshape(-1).split(1 << 22))
-            for p in (first, params[-1])]  # fmt: skip
+    if kind == FINGERPRINT_VERSION:
+        sums = [s for p in params if id(p) not in embeddings for s in _checksums(p, sample=True)]
+    else:
+        first = params[0] if kind == "" else next((p for p in params if id(p) not in embeddings), params[0])
+        sums = [s for p in (first, params[-1]) for s in _checksums(p, sample=False)]
     config = model.config.to_dict() if hasattr(model, "config") else {}
     for key in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "quantization_config"):
         config.pop(key, None)
     blob = json.dumps({"config": config, "sums": [f"{s:.6e}" for s in sums],
                        "n": sum(p.numel() for p in params)}, sort_keys=True, default=str)  # fmt: skip
-    digest = hashlib.sha256(blob.encode()).hexdigest()[:16]
-    return digest if legacy else FINGERPRINT_VERSION + digest
+    return kind + hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def matches_fingerprint(model: nn.Module, stored: str) -> bool:
-    """Is `model` the one a stored fingerprint (of either kind) was taken of?"""
-    return model_fingerprint(model, legacy=not stored.startswith(FINGERPRINT_VERSION)) == stored
+    """Is `model` the one a stored fingerprint (of any kind) was taken of?"""
+    kind = next((k for k in (FINGERPRINT_VERSION, "w2-") if stored.startswith(k)), "")
+    return model_fingerprint(model, kind) == stored

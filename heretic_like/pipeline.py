@@ -7,8 +7,11 @@ import time
 
 from .config import Settings
 from .export import export_trial
-from .reproduce import build_record, write_record
-from .study import ExportRule, choose_best, pick_trial, run_study, study_file, trial_edit, verify_long_responses
+from .provenance import build_record, write_record
+from .records import StudyRecord
+from .results import ExportRule, choose_best, pick_trial
+from .store import study_file
+from .study import run_study, verify_long_responses
 from .summary import RunSummary, summary_block
 
 
@@ -39,11 +42,12 @@ def run_and_export(settings: Settings, interactive: bool) -> None:
     started = time.perf_counter()
     out = export_trial(run.study, settings, number, None, run.abliterator)
     timings["export"] = time.perf_counter() - started
-    run.study.set_user_attr("run_timings", {k: round(v, 1) for k, v in timings.items()})
-    _, trial = trial_edit(run.study, number)
+    record = StudyRecord(run.study)
+    record.run_timings = {k: round(v, 1) for k, v in timings.items()}
+    trial = record.trial(number)
     print(summary_block(RunSummary(
-        trial=number, reason=choice.reason, refusals=int(trial.user_attrs["refusals"]),
-        harmful=len(run.evaluator.harmful), base_refusals=int(run.study.user_attrs["base_refusals"]),
-        kl_divergence=float(trial.user_attrs["kl_divergence"]), long=long, capability=capability,
+        trial=number, reason=choice.reason, refusals=int(trial.refusals),
+        harmful=len(run.evaluator.harmful), base_refusals=int(record.base_refusals),
+        kl_divergence=float(trial.kl_divergence), long=long, capability=capability,
         export_dir=out, study_path=settings.resolved_storage(), timings=timings,
     )))  # fmt: skip

@@ -9,10 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .config import PromptSpec
+from .config import PromptSpec, Settings
 from .errors import HereticError
 
 # datasets' builder name for each local file suffix; `.txt` is one prompt per line.
@@ -79,3 +80,34 @@ def prompts_fingerprint(prompts: list[str] | None) -> str | None:
     if prompts is None:
         return None
     return hashlib.sha256(json.dumps(prompts, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+# The code says harmful/harmless; the config keeps Heretic's names. This is the one mapping.
+CONFIG_NAMES = {"harmful": "bad_prompts", "harmless": "good_prompts", "harmful_eval": "bad_evaluation_prompts",
+                "harmless_eval": "good_evaluation_prompts", "capability": "capability_prompts"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PromptSets:
+    """The prompt sets a study uses: directions are measured from `harmful` and `harmless`, each
+    trial scored on `harmful_eval` (refusals) and `harmless_eval` (KL); `capability` (optional)
+    gives the entanglement score."""
+
+    harmful: list[str]
+    harmless: list[str]
+    harmful_eval: list[str]
+    harmless_eval: list[str]
+    capability: list[str] | None = None
+
+    def fingerprints(self) -> dict[str, str | None]:
+        """Content fingerprint of each set, under its config name (as studies store them)."""
+        return {CONFIG_NAMES[name]: prompts_fingerprint(getattr(self, name)) for name in CONFIG_NAMES}
+
+
+def load_all_prompts(settings: Settings) -> PromptSets:
+    """Every prompt set the config names (capability: None when unset); errors name the config key."""
+    sets = {}
+    for name, key in CONFIG_NAMES.items():
+        spec = getattr(settings, key)
+        sets[name] = load_prompts(spec, key) if spec is not None else None
+    return PromptSets(**sets)

@@ -18,18 +18,16 @@ import torch  # noqa: E402
 from .ablation import Edit  # noqa: E402
 from .config import Settings  # noqa: E402
 from .directions import RefusalGeometry, cross_layer_cosine  # noqa: E402
-from .study import ExportRule, choose_best, pareto_front, trial_edit, trials_table  # noqa: E402
-
-ATTRS = ("refusals", "refusals_at_least", "kl_divergence", "kl_seconds", "generation_seconds", "tokens_generated",
-         "approximation_error", "row_norm_error", "marker_refusals", "marker_agreement", "worker")
+from .records import TRIAL_VALUES, StudyRecord, response_prefix_of, trial_edit  # noqa: E402
+from .results import ExportRule, choose_best, pareto_front, trials_table  # noqa: E402
 
 
 def all_trials_table(study: optuna.Study) -> pd.DataFrame:
     """Every trial, whatever its state, with its scores, timings and sampled parameters."""
     rows = []
-    for t in study.get_trials(deepcopy=False):
+    for t in StudyRecord(study).trials(states=None):
         row = {"trial": t.number, "state": t.state.name}
-        row.update({key: t.user_attrs.get(key) for key in ATTRS})
+        row.update({key: t.attr(key) for key in TRIAL_VALUES})
         row.update(t.params)
         rows.append(row)
     return pd.DataFrame(rows)
@@ -38,13 +36,13 @@ def all_trials_table(study: optuna.Study) -> pd.DataFrame:
 def plot_pareto(study: optuna.Study, chosen: int | None, path: Path) -> None:
     table = trials_table(study)
     front = pareto_front(table)
-    base = study.user_attrs.get("base_refusals")
+    record = StudyRecord(study)
+    base = record.base_refusals
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.scatter(table["kl_divergence"], table["refusals"], s=18, c="0.6", label="trial")
-    pruned = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,))
-              if "refusals_at_least" in t.user_attrs]  # fmt: skip
+    pruned = [t for t in record.trials((optuna.trial.TrialState.PRUNED,)) if t.refusals_at_least is not None]
     if pruned:
-        ax.scatter([t.user_attrs["kl_divergence"] for t in pruned], [t.user_attrs["refusals_at_least"] for t in pruned],
+        ax.scatter([t.kl_divergence for t in pruned], [t.refusals_at_least for t in pruned],
                    s=18, facecolors="none", edgecolors="0.6", label="pruned (refusals ≥)")  # fmt: skip
     ax.step(front["kl_divergence"], front["refusals"], where="post", c="tab:blue", lw=1.2)
     ax.scatter(front["kl_divergence"], front["refusals"], s=28, c="tab:blue", label="Pareto front")
@@ -56,7 +54,7 @@ def plot_pareto(study: optuna.Study, chosen: int | None, path: Path) -> None:
         ax.axhline(base, ls="--", c="0.4", lw=0.8, label=f"unedited ({base})")
     ax.set_xscale("symlog", linthresh=1e-3)
     ax.set_xlabel("KL divergence from the original (first response token)")
-    ax.set_ylabel(f"refusals / {study.user_attrs.get('n_harmful_eval', '?')}")
+    ax.set_ylabel(f"refusals / {record.n_harmful_eval or '?'}")
     ax.set_title(f"Study '{study.study_name}': {len(table)} trials")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -159,14 +157,14 @@ def write_report(study: optuna.Study, settings: Settings, out_dir: str | Path, t
     written = [out / "trials.csv", out / "pareto.png"]
     all_trials_table(study).to_csv(written[0], index=False)
     plot_pareto(study, chosen, written[1])
-    num_layers = study.user_attrs.get("num_layers")
+    num_layers = StudyRecord(study).num_layers
     if chosen is not None and num_layers:
         edit, _ = trial_edit(study, chosen)
         written.append(out / f"kernels_trial{chosen}.png")
         plot_kernels(edit, num_layers, chosen, written[-1])
-    from .study import cached_geometry
+    from .geometry import GeometryOptions, cached_geometry
 
-    geometry = cached_geometry(settings, num_layers) if num_layers else None
+    geometry = cached_geometry(GeometryOptions.from_settings(settings), num_layers) if num_layers else None
     if geometry is not None:
         written += [out / "layers.csv", out / "layers.png"]
         geometry.metrics().to_csv(written[-2], index=False)
@@ -174,15 +172,15 @@ def write_report(study: optuna.Study, settings: Settings, out_dir: str | Path, t
     if residuals:
         from .directions import collect_residuals
         from .model import load_model
-        from .study import load_all_prompts, resolve_response_prefix
+        from .prompts import load_all_prompts
 
         prompts = load_all_prompts(settings)
         loaded = load_model(settings)
         batch = settings.batch_size or 8
-        prefix = resolve_response_prefix(settings, study)
-        bad = collect_residuals(loaded, prompts["bad_prompts"], settings.system_prompt, batch, "harmful residuals",
+        prefix = response_prefix_of(settings, study)
+        bad = collect_residuals(loaded, prompts.harmful, settings.system_prompt, batch, "harmful residuals",
                                 prefix)  # fmt: skip
-        good = collect_residuals(loaded, prompts["good_prompts"], settings.system_prompt, batch, "harmless residuals",
+        good = collect_residuals(loaded, prompts.harmless, settings.system_prompt, batch, "harmless residuals",
                                  prefix)  # fmt: skip
         written.append(out / "residuals.png")
         plot_residuals(bad, good, written[-1], f"Residuals at the last prompt token: {settings.model}")

@@ -2,20 +2,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from heretic_like.ablation import (
-    Abliterator,
-    Edit,
-    EditOptions,
-    direct_edit,
-    edited_weight,
-    low_rank_factors,
-    rank1_factors,
-    subspace_factors,
-)
+from heretic_like.ablation import Abliterator, Edit, EditOptions
 from heretic_like.directions import RefusalGeometry, orthonormalize
 from heretic_like.kernel import Kernel
 from heretic_like.model import chat_texts, encode, load_model
+from heretic_like.projection import edited_weight, low_rank_factors, subspace_factors
 from tests.test_model import settings_for
+
+
+def rank1_factors(weight: torch.Tensor, direction: torch.Tensor, strength: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The classic single-direction edit as LoRA factors: B @ A = -strength * r r^T W."""
+    return subspace_factors(weight, direction[None], torch.tensor([strength]))
+
+
+def direct_edit(weight: torch.Tensor, direction: torch.Tensor, strength: float) -> torch.Tensor:
+    """W - strength * r r^T W computed on the weight itself: the reference the edits must match."""
+    w = weight.float()
+    r = direction.float().to(w.device)
+    return w - strength * torch.outer(r, r @ w)
 
 
 def _weight_and_direction(out=16, inp=24, seed=0):
@@ -188,7 +192,7 @@ def test_hooks_equal_the_weight_edit_with_several_directions(tiny_llama, tmp_pat
     assert all(torch.equal(a, b) for a, b in zip(weights_before, hooked.model.parameters(), strict=True))
     hooks.apply(edit)
     merged = hooks.merged_model()  # hooks removed, exact weights written
-    assert not hooks.hooks.handles
+    assert not hooks.linear.hooks.handles
     assert torch.allclose(_logits(hooked, PROMPTS), lora_logits, atol=1e-4)
     assert merged is hooked.model
 

@@ -2,17 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from heretic_like.evaluation import (
-    Evaluator,
-    MarkerDetector,
-    count_refusals,
-    detect_response_prefix,
-    first_token_logprobs,
-    is_refusal,
-    kl_divergence,
-    normalize_text,
-    strip_thinking,
-)
+from heretic_like.detectors import MarkerDetector, is_refusal, normalize_text, strip_thinking
+from heretic_like.evaluation import Evaluator, count_refusals, detect_response_prefix, kl_divergence
+from heretic_like.generation import first_token_logprobs
 from heretic_like.model import chat_texts, load_model
 from tests.test_model import settings_for
 
@@ -59,7 +51,7 @@ def test_kl_divergence_matches_definition():
 def test_evaluator_scores_the_unedited_model_at_zero_kl(tiny_llama, tmp_path):
     loaded = load_model(settings_for(tiny_llama, tmp_path))
     evaluator = Evaluator(loaded, ["harmful one", "harmful two", "three"], ["fine one", "fine two"], None,
-                          MARKERS, max_response_length=5, batch_size=2)  # fmt: skip
+                          MarkerDetector(tuple(MARKERS)), max_response_length=5, batch_size=2)  # fmt: skip
     score = evaluator.score()
     assert score.kl_divergence == pytest.approx(0.0, abs=1e-6)
     assert len(score.responses) == 3 and 0 <= score.refusals <= 3
@@ -74,14 +66,15 @@ def test_early_stop_and_refusal_cap_never_change_the_verdict(refusing_model, tmp
     harmful = builtin_path("harmful").read_text().splitlines()[:20]
     harmless = builtin_path("harmless").read_text().splitlines()[:20]
     markers = ["sorry"]
-    full = Evaluator(loaded, harmful + harmless, harmless[:4], None, markers, 12, 8, stop_at_marker=False).score()
-    fast = Evaluator(loaded, harmful + harmless, harmless[:4], None, markers, 12, 8, stop_at_marker=True).score()
+    detector = MarkerDetector(tuple(markers))
+    full = Evaluator(loaded, harmful + harmless, harmless[:4], None, detector, 12, 8, stop_at_marker=False).score()
+    fast = Evaluator(loaded, harmful + harmless, harmless[:4], None, detector, 12, 8, stop_at_marker=True).score()
     assert full.refusals == fast.refusals >= 10
     assert fast.tokens_generated < full.tokens_generated  # refusals were cut at the marker
     refused = [r for r in fast.responses if is_refusal(r, markers)]
     assert all(normalize_text(r).endswith("sorry") for r in refused)
 
-    evaluator = Evaluator(loaded, harmless + harmful, harmless[:4], None, markers, 12, 8)
+    evaluator = Evaluator(loaded, harmless + harmful, harmless[:4], None, detector, 12, 8)
     capped = evaluator.score(refusal_cap=lambda kl: 3)
     assert capped.pruned and 3 <= capped.refusals <= 3 + 8  # stopped in the batch that reached the cap
     assert len(capped.responses) < 40
@@ -107,7 +100,7 @@ def test_early_stop_and_refusal_cap_never_change_the_verdict(refusing_model, tmp
 
 
 def test_shared_prefix_reuse_matches_plain_forward(tiny_qwen2, tmp_path):
-    from heretic_like.evaluation import shared_prefix_length
+    from heretic_like.generation import shared_prefix_length
     from heretic_like.model import encode
 
     assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
@@ -126,7 +119,7 @@ def test_shared_prefix_reuse_matches_plain_forward(tiny_qwen2, tmp_path):
 def test_generation_from_the_shared_prefix_cache_equals_plain_generate(refusing_model, tmp_path):
     """Prefix | padding | own tokens with a reused KV cache gives the same greedy text as a
     plain left-padded batch, and as each prompt generated alone."""
-    from heretic_like.evaluation import SharedPrefix, generate_batches
+    from heretic_like.generation import SharedPrefix, generate_batches
     from heretic_like.model import encode
 
     loaded = load_model(settings_for(refusing_model, tmp_path))
@@ -171,7 +164,7 @@ def test_generation_from_the_shared_prefix_cache_equals_plain_generate(refusing_
 def test_models_with_sliding_window_layers_generate_without_packing(tmp_path):
     """A cache that is not one plain key/value pair per layer is not assembled by hand: the
     batch falls back to `generate`'s own prefill and still gives plain `generate`'s text."""
-    from heretic_like.evaluation import SharedPrefix, generate_batches
+    from heretic_like.generation import SharedPrefix, generate_batches
     from heretic_like.model import encode
     from tests.conftest import build_model
 
@@ -291,7 +284,7 @@ def test_an_edit_forcing_end_of_text_refuses_everything_and_is_never_exported(re
     import pandas as pd
 
     from heretic_like.prompts import builtin_path
-    from heretic_like.study import ExportRule, choose_best
+    from heretic_like.results import ExportRule, choose_best
 
     loaded = load_model(settings_for(refusing_model, tmp_path))
     harmful = builtin_path("harmful").read_text().splitlines()[:16]

@@ -59,9 +59,19 @@ def test_chat_texts_use_template_and_system_prompt(tiny_llama, tmp_path):
 
 def test_fingerprint_tracks_weights(tiny_llama, tmp_path):
     loaded = load_model(settings_for(tiny_llama, tmp_path))
-    before, legacy = model_fingerprint(loaded.model), model_fingerprint(loaded.model, legacy=True)
+    before, legacy = model_fingerprint(loaded.model), model_fingerprint(loaded.model, kind="")
+    second = model_fingerprint(loaded.model, kind="w2-")
     assert before == model_fingerprint(load_model(settings_for(tiny_llama, tmp_path)).model)
-    assert matches_fingerprint(loaded.model, before) and matches_fingerprint(loaded.model, legacy)
+    assert all(matches_fingerprint(loaded.model, f) for f in (before, legacy, second))
+    # An abliterated copy put where the original was: a rank-1 edit of a middle layer's o_proj
+    # changes neither of the two parameters the older kinds summed; the current kind sees it.
+    with torch.no_grad():
+        o_proj = loaded.model.model.layers[2].self_attn.o_proj.weight
+        r = torch.nn.functional.normalize(torch.randn(o_proj.shape[0]), dim=0)
+        o_proj.sub_(torch.outer(r, r @ o_proj))
+    assert matches_fingerprint(loaded.model, second)  # what the older kind missed
+    assert not matches_fingerprint(loaded.model, before)
+    loaded = load_model(settings_for(tiny_llama, tmp_path))
     with torch.no_grad():
         loaded.model.model.layers[0].self_attn.q_proj.weight.add_(1.0)
     assert model_fingerprint(loaded.model) != before and not matches_fingerprint(loaded.model, before)
@@ -78,7 +88,7 @@ def test_fingerprint_never_reads_the_input_embedding(tiny_llama, tmp_path):
     embedding.weight = torch.nn.Parameter(torch.empty_like(embedding.weight, device="meta"))  # unreadable
     assert model_fingerprint(loaded.model) == before
     with pytest.raises(RuntimeError, match="meta"):  # the first kind did read it
-        model_fingerprint(loaded.model, legacy=True)
+        model_fingerprint(loaded.model, kind="")
 
 
 @pytest.mark.skipif(not (os.environ.get("HERETIC_REAL_MODEL") and Path(REAL_GGUF).is_file()),

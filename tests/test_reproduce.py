@@ -1,10 +1,11 @@
 import json
 
 import pytest
+import torch
 
 from heretic_like.cli import main
 from heretic_like.config import load_settings
-from heretic_like.reproduce import read_record, weight_hashes
+from heretic_like.provenance import read_record, weight_hashes
 from heretic_like.study import run_study
 from tests.conftest import study_config
 
@@ -75,3 +76,39 @@ def test_seed_makes_trials_deterministic(tiny_llama, tmp_path):
 @pytest.fixture(autouse=True)
 def _quiet_tqdm(monkeypatch):
     monkeypatch.setenv("TQDM_DISABLE", "1")
+
+
+def test_export_leaves_unedited_modules_byte_for_byte_and_rebuilds_identically(tmp_path, capsys):
+    """Signed zeros are where "numerically equal" and "the same bytes" part: -0.0 == 0.0."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import build_model
+
+    source = tmp_path / "signed-zeros"
+    model, _ = build_model(source, "llama", layers=4)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                param[::3, ::2] = -0.0  # a third of the rows carry negative zeros
+    model.save_pretrained(source)
+    original = load_file(source / "model.safetensors")
+    # the kernel peaks at the last layer and reaches 1 layer down: layers 0-1 keep zero strength
+    config = study_config(tmp_path, source, n_trials=1, n_startup_trials=1, export_trial=0, prune_dominated="false",
+                          evaluate_capabilities="false", export_dir=f'"{tmp_path / "export"}"',
+                          search="max_weight_position = { low = 1.0, high = 1.0 }\n"
+                          "min_weight_distance = { low = 0.34, high = 0.34 }\n"
+                          "direction_scope = [\"global\"]\n")  # fmt: skip
+    assert main(["--config", str(config)]) == 0
+    exported = load_file(tmp_path / "export" / "model.safetensors")
+    assert exported.keys() == original.keys()
+    for name, tensor in original.items():
+        same = exported[name].numpy().tobytes() == tensor.numpy().tobytes()
+        edited = name.startswith(("model.layers.2.", "model.layers.3.")) and name.endswith(
+            ("o_proj.weight", "down_proj.weight"))  # fmt: skip
+        assert same != edited, name  # exactly the edited modules changed, every other byte is the original's
+    assert torch.signbit(exported["model.layers.0.mlp.down_proj.weight"]).any()
+    capsys.readouterr()
+    assert main(["reproduce", str(tmp_path / "export" / "reproduce.json"), "--out", str(tmp_path / "again")]) == 0
+    assert "bit-identical" in capsys.readouterr().out
+    rebuilt, written = tmp_path / "again" / "model.safetensors", tmp_path / "export" / "model.safetensors"
+    assert rebuilt.read_bytes() == written.read_bytes()

@@ -13,16 +13,11 @@ from heretic_like.cli import main
 from heretic_like.config import load_settings
 from heretic_like.export import export_trial
 from heretic_like.model import chat_texts, encode
-from heretic_like.study import (
-    ExportRule,
-    choose_best,
-    choose_trial,
-    load_existing_study,
-    objectives,
-    pareto_front,
-    run_study,
-    trial_edit,
-)
+from heretic_like.records import trial_edit
+from heretic_like.results import ExportRule, choose_best, choose_trial, pareto_front
+from heretic_like.search import objectives
+from heretic_like.store import load_existing_study
+from heretic_like.study import run_study
 from tests.conftest import THINKING, study_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -296,7 +291,7 @@ def test_hook_mode_study_runs_and_rejects_row_normalisation(tiny_llama, tmp_path
 
 
 def test_study_from_an_older_version_resumes_when_new_keys_keep_defaults(tiny_llama, tmp_path):
-    from heretic_like.study import open_study
+    from heretic_like.store import open_study
 
     config = study_config(tmp_path, tiny_llama)
     assert main(["--config", str(config), "--n-trials", "1"]) == 0
@@ -354,21 +349,22 @@ def test_resume_with_edited_prompt_content_is_refused(tiny_llama, tmp_path):
 def test_directions_are_measured_with_the_batch_the_study_recorded():
     import optuna
 
-    from heretic_like.study import directions_batch
+    from heretic_like.records import StudyRecord
 
     study = optuna.create_study()
-    assert directions_batch(study, 16) == 16  # nothing recorded yet
-    study.set_user_attr("batch_size", 32)  # a study from before directions_batch_size
-    assert directions_batch(study) == 32
-    study.set_user_attr("directions_batch_size", 8)
-    assert directions_batch(study) == 8
+    record = StudyRecord(study)
+    assert record.directions_batch(16) == 16  # nothing recorded yet
+    study.set_user_attr("batch_size", 32)  # a study from before directions_batch_size (its stored name)
+    assert record.directions_batch() == 32
+    record.record_batches(32, 8)
+    assert record.directions_batch() == 8
 
 
 def test_prompts_refused_by_most_finished_trials_are_scored_first():
     import optuna
     from optuna.trial import TrialState, create_trial
 
-    from heretic_like.study import hardest_first
+    from heretic_like.search import hardest_first
 
     study = optuna.create_study(directions=["minimize", "minimize"])
     study.set_user_attr("base_refused_positions", [0, 4, 7])
@@ -406,3 +402,55 @@ def test_a_default_run_shows_no_library_deprecation_noise(tiny_llama, tmp_path):
     noise = [f"{w.category.__name__}: {w.message}" for w in caught
              if issubclass(w.category, (FutureWarning, DeprecationWarning))]  # fmt: skip
     assert noise == []
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
+def test_a_live_workers_running_trial_is_never_failed_by_another_process(tiny_llama, tmp_path):
+    from optuna.trial import TrialState
+
+    from heretic_like.store import fail_stale_trials
+
+    config = study_config(tmp_path, tiny_llama, n_trials=2000, max_response_length=24)
+    cmd = [sys.executable, "-m", "heretic_like", "--config", str(config)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_trials(proc, tmp_path, 1, "checked")
+        checked = 0
+        for _ in range(20):  # trials run back to back: catch some while they are RUNNING
+            study = load_existing_study(str(_journal(tmp_path)), None)
+            running = [t.number for t in study.get_trials(states=(TrialState.RUNNING,))]
+            assert fail_stale_trials(study) == 0  # this process is not theirs, and theirs is alive
+            checked += len(running)
+            time.sleep(0.05)
+        assert checked and proc.poll() is None  # the worker's trials were left alone; it runs on
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    study = load_existing_study(str(_journal(tmp_path)), None)
+    assert not [t for t in study.trials if t.state == TrialState.FAIL]
+    left = len(study.get_trials(states=(TrialState.RUNNING,)))
+    assert fail_stale_trials(study) == left  # now its worker is gone: stale
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+
+
+def test_a_second_worker_with_other_settings_cannot_take_over_a_fresh_study(tiny_llama, tmp_path):
+    from heretic_like.errors import HereticError
+    from heretic_like.store import open_study
+
+    config = study_config(tmp_path, tiny_llama)
+    code = ("import time\nfrom heretic_like.config import load_settings\nfrom heretic_like.store import open_study\n"
+            f"open_study(load_settings({str(config)!r}))\nprint('ready', flush=True)\ntime.sleep(120)\n")
+    first = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "ready"  # stamped; still "measuring its directions"
+        with pytest.raises(HereticError, match="different settings \\(max_response_length\\)"):
+            open_study(load_settings(str(config), {"max_response_length": 7}))
+        assert open_study(load_settings(str(config))) is not None  # the same settings join it
+    finally:
+        first.kill()
+        first.wait()
+    # its stamper gone and nothing measured yet: the corrected settings adopt the study
+    assert open_study(load_settings(str(config), {"max_response_length": 7})) is not None

@@ -1,0 +1,124 @@
+"""Ways of putting an edit into a loaded model, one small object each (peft's `LoraVariant` idea):
+
+- `LoraBackend`: a peft LoRA on every targeted Linear, its factors swapped per trial;
+- `HookBackend`: forward hooks projecting the directions out of what each module writes;
+- `FusedBackend`: MoE experts stored as one (experts, out, in) tensor, which no LoRA wraps,
+  edited exactly in place from an original kept on the CPU.
+
+Each has `clear` (back to the unedited model), `set` (one module's edit) and `release` (drop the
+mechanism and hand back the plain model; `Abliterator.merged_model` then writes exact weights).
+`Abliterator` picks a backend per target and never branches on the mode itself.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from .hooks import ProjectionHooks
+from .model import LoadedModel, Target, peft_quietly
+from .projection import edited_weight, low_rank_factors, subspace_factors
+
+
+class Approximation(Protocol):
+    """How well a trial-time LoRA matches the exact edit (`ablation.EditStats`)."""
+
+    approximation_error: float
+    row_norm_error: float
+
+
+class EditBackend(Protocol):
+    def clear(self) -> None: ...
+
+    def set(self, target: Target, basis: torch.Tensor, strengths: torch.Tensor, stats: Approximation) -> None: ...
+
+    def release(self, model: nn.Module) -> nn.Module: ...
+
+
+class LoraBackend:
+    """A peft LoRA of `rank` on the Linear targets. Exact for "none"/"pre" (the edit is low-rank);
+    for "full" the best rank-`rank` approximation, its error recorded per trial."""
+
+    def __init__(self, loaded: LoadedModel, names: list[str], rank: int, row_normalization: str):
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, bias="none", target_modules=names)
+        with peft_quietly():
+            self.peft_model = get_peft_model(loaded.model, config)
+        self.peft_model.eval()
+        self.rank, self.row_normalization = rank, row_normalization
+        self.modules: list[nn.Module] = []
+
+    def clear(self) -> None:
+        for module in self.modules:
+            module.lora_B["default"].weight.zero_()
+
+    def set(self, target: Target, basis: torch.Tensor, strengths: torch.Tensor, stats: Approximation) -> None:
+        weight = target.weight
+        if self.row_normalization == "full":
+            w = weight.float()
+            delta = edited_weight(w, basis, strengths, "full") - w
+            a, b = low_rank_factors(delta, self.rank)
+            approx_delta = b @ a
+            error = float((delta - approx_delta).norm() / delta.norm().clamp_min(1e-12))
+            stats.approximation_error = max(stats.approximation_error, error)
+            original = w.norm(dim=1)
+            deviation = (((w + approx_delta).norm(dim=1) - original).abs() / original.clamp_min(1e-12)).max()
+            stats.row_norm_error = max(stats.row_norm_error, float(deviation))
+        else:
+            a, b = subspace_factors(weight, basis, strengths, self.row_normalization)
+        lora_a, lora_b = target.module.lora_A["default"].weight, target.module.lora_B["default"].weight
+        lora_a.zero_()
+        lora_a[: a.shape[0]].copy_(a.to(lora_a.dtype))
+        lora_b[:, : b.shape[1]].copy_(b.to(lora_b.dtype))
+
+    def release(self, model: nn.Module) -> nn.Module:
+        """The base model, the LoRA dropped unmerged (see `Abliterator.merged_model` for why)."""
+        return self.peft_model.unload()
+
+    def save(self, folder) -> None:
+        """The adapter alone (`PeftModel.from_pretrained(base, folder)`)."""
+        self.peft_model.save_pretrained(folder)
+
+
+class HookBackend:
+    """Forward hooks on the Linear targets: the same edit as "none", no weight touched."""
+
+    def __init__(self):
+        self.hooks = ProjectionHooks()
+
+    def clear(self) -> None:
+        self.hooks.clear()
+
+    def set(self, target: Target, basis: torch.Tensor, strengths: torch.Tensor, stats: Approximation) -> None:
+        self.hooks.set(target.module, basis, strengths)
+
+    def release(self, model: nn.Module) -> nn.Module:
+        self.hooks.remove()
+        return model
+
+
+class FusedBackend:
+    """Fused MoE expert weights, every expert edited exactly in place from a CPU original."""
+
+    def __init__(self, targets: list[Target], row_normalization: str):
+        self.targets = targets
+        self.row_normalization = row_normalization
+        self.originals = {t.name: t.weight.detach().to("cpu", copy=True) for t in targets}
+
+    def clear(self) -> None:
+        for target in self.targets:
+            target.weight.copy_(self.originals[target.name])
+
+    def set(self, target: Target, basis: torch.Tensor, strengths: torch.Tensor, stats: Approximation) -> None:
+        weight = target.weight
+        for e, original in enumerate(self.originals[target.name]):
+            w = original.to(weight.device).float()
+            w = w.T if target.transposed else w
+            new = edited_weight(w, basis, strengths, self.row_normalization)
+            weight[e].copy_((new.T if target.transposed else new).to(weight.dtype))
+
+    def release(self, model: nn.Module) -> nn.Module:
+        return model  # the weights already hold the exact edit

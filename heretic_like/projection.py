@@ -1,0 +1,69 @@
+"""The edit maths: remove refusal directions from what a module writes, W <- W - w v v^T W.
+
+A handful of pure functions on one weight matrix and a (k, d_out) orthonormal basis of
+directions with per-direction strengths:
+
+- `row_normalization = "none"`: the classic projection, exactly a rank-k LoRA (A = V W,
+  B = -V^T diag(w)).
+- `"pre"`: the same projection applied to the row-normalised weight, then scaled back by each
+  row's norm; still an exact rank-k LoRA.
+- `"full"`: norm-preserving: the projected row directions are renormalised and recombined with
+  the original row norms, so every row keeps its norm exactly. That is no longer low-rank: trials
+  use the best rank-`full_normalization_lora_rank` approximation (reporting its error), export
+  writes the exact weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def subspace_factors(weight: torch.Tensor, basis: torch.Tensor, strengths: torch.Tensor,
+                     row_normalization: str = "none") -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """LoRA factors (A: k x in, B: out x k), fp32, with B @ A the "none" or "pre" edit's delta."""
+    w = weight.float()
+    v = basis.float().to(w.device)
+    s = strengths.float().to(w.device)
+    if row_normalization == "pre":
+        norms = w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return v @ (w / norms), -(norms * v.T * s)
+    if row_normalization != "none":
+        raise ValueError(f"no exact low-rank factors for row_normalization={row_normalization!r}")
+    return v @ w, -(v.T * s)
+
+
+def edited_weight(weight: torch.Tensor, basis: torch.Tensor, strengths: torch.Tensor,
+                  row_normalization: str = "none") -> torch.Tensor:  # fmt: skip
+    """The exact edited weight (fp32) for any row normalisation.
+
+    "full" follows the norm-preserving recipe: split W into row norms and unit row directions,
+    project the directions, renormalise them, and recombine with the original norms.
+    """
+    if row_normalization != "full":
+        a, b = subspace_factors(weight, basis, strengths, row_normalization)
+        return weight.float() + b @ a
+    w = weight.float()
+    v = basis.float().to(w.device)
+    norms = w.norm(dim=1, keepdim=True)
+    unit = w / norms.clamp_min(1e-12)
+    projected = unit - (v.T * strengths.float().to(w.device)) @ (v @ unit)
+    return norms * torch.nn.functional.normalize(projected, dim=1)
+
+
+def low_rank_factors(delta: torch.Tensor, rank: int, oversample: int = 8, iterations: int = 2,
+                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Best rank-`rank` approximation B @ A of `delta` (randomised SVD with a fixed seed, so the
+    same inputs always give the same factors; torch.svd_lowrank takes no generator)."""
+    delta = delta.float()
+    out_dim, in_dim = delta.shape
+    if min(out_dim, in_dim) <= rank + oversample:
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    else:
+        generator = torch.Generator(device=delta.device).manual_seed(seed)
+        omega = torch.randn(in_dim, rank + oversample, generator=generator, device=delta.device)
+        q = torch.linalg.qr(delta @ omega).Q
+        for _ in range(iterations):
+            q = torch.linalg.qr(delta @ (delta.T @ q)).Q
+        u_small, s, vh = torch.linalg.svd(q.T @ delta, full_matrices=False)
+        u = q @ u_small
+    return vh[:rank], u[:, :rank] * s[:rank]

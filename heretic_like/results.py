@@ -1,0 +1,134 @@
+"""Results of a study as tables (pandas): the trials, the Pareto front, and which trial to export
+and why. No model, no torch: `report` and `chat` read these."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import optuna
+import pandas as pd
+
+from .config import Settings
+from .errors import HereticError
+from .records import StudyRecord
+
+
+def trials_table(study: optuna.Study) -> pd.DataFrame:
+    rows = []
+    for t in StudyRecord(study).completed():
+        edit = t.edit_dict
+        row = {"trial": t.number, "refusals": t.refusals, "kl_divergence": t.kl_divergence}
+        index = edit.get("direction_index")
+        row["direction_index"] = "per layer" if index is None else round(index, 2)
+        if edit.get("entangled_strength", 1.0) != 1.0:
+            row["entangled_strength"] = round(edit["entangled_strength"], 3)
+        for component, kernel in edit.get("kernels", {}).items():
+            for key, value in kernel.items():
+                row[f"{component}.{key}"] = round(value, 2)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def pareto_front(table: pd.DataFrame) -> pd.DataFrame:
+    """Trials not beaten on both refusals and KL, fewest refusals first."""
+    if table.empty:
+        return table
+    ordered = table.sort_values(["refusals", "kl_divergence", "trial"])
+    keep, best_kl = [], float("inf")
+    for index, row in ordered.iterrows():
+        if row["kl_divergence"] < best_kl:
+            keep.append(index)
+            best_kl = row["kl_divergence"]
+    return ordered.loc[keep]
+
+
+@dataclass(frozen=True)
+class ExportRule:
+    """How `export_trial = "best"` picks a trial: config keys `export_rule`, `export_kl_limit`,
+    `export_kl_exchange`, and the unedited model's refusal count that refusals are scaled by."""
+
+    rule: str
+    kl_limit: float
+    kl_exchange: float
+    base_refusals: int
+
+    @classmethod
+    def of(cls, settings: Settings, study: optuna.Study) -> ExportRule:
+        base = StudyRecord(study).base_refusals
+        return cls(settings.export_rule, settings.export_kl_limit, settings.export_kl_exchange, int(base or 0))
+
+
+@dataclass(frozen=True)
+class Choice:
+    trial: int
+    reason: str
+
+
+def choose_trial(table: pd.DataFrame, rule: ExportRule) -> Choice | None:
+    """The trial the rule picks among completed trials, and why (one line).
+
+    "balanced" minimises refusals / base_refusals + KL / kl_exchange: both axes on scales a user
+    reads (share of the unedited model's refusals left; KL in units of what removing all of them
+    is worth), so it takes the knee of the front and does not pay four times the drift for the
+    last two prompts. "fewest_refusals" takes the fewest refusals (ties: lower KL). Either way,
+    only trials with KL <= kl_limit; if there is none, the lowest-KL trial."""
+    if table.empty:
+        return None
+    within = table[table["kl_divergence"] <= rule.kl_limit]
+    if within.empty:
+        row = table.sort_values(["kl_divergence", "trial"]).iloc[0]
+        return Choice(int(row["trial"]), f"no trial has KL <= {rule.kl_limit} (export_kl_limit): the lowest-KL trial")
+    fewest = within.sort_values(["refusals", "kl_divergence", "trial"]).iloc[0]
+    if rule.rule == "fewest_refusals":
+        return Choice(int(fewest["trial"]), f"fewest refusals among the {len(within)} trials with KL <= "
+                                            f"{rule.kl_limit} (export_rule = fewest_refusals)")  # fmt: skip
+    base = max(rule.base_refusals, 1)
+    scored = within.assign(_score=within["refusals"] / base + within["kl_divergence"] / rule.kl_exchange)
+    row = scored.sort_values(["_score", "refusals", "kl_divergence", "trial"]).iloc[0]
+    reason = (f"lowest refusals/{base} + KL/{rule.kl_exchange} = {row['_score']:.3f} among the {len(within)} "
+              f"trials with KL <= {rule.kl_limit} (export_rule = balanced)")  # fmt: skip
+    if int(fewest["trial"]) != int(row["trial"]):
+        reason += (f"; trial {int(fewest['trial'])} has {int(row['refusals'] - fewest['refusals'])} fewer refusals "
+                   f"but {fewest['kl_divergence'] / max(row['kl_divergence'], 1e-12):.1f}x the KL "
+                   f"({fewest['kl_divergence']:.4f})")  # fmt: skip
+    return Choice(int(row["trial"]), reason)
+
+
+def choose_best(table: pd.DataFrame, rule: ExportRule) -> int | None:
+    choice = choose_trial(table, rule)
+    return None if choice is None else choice.trial
+
+
+def print_front(study: optuna.Study) -> pd.DataFrame:
+    table = trials_table(study)
+    front = pareto_front(table)
+    record = StudyRecord(study)
+    base, total = record.base_refusals, record.n_harmful_eval
+    print(f"\nPareto front ({len(front)} of {len(table)} trials; unedited model refuses {base}/{total}):")
+    if not front.empty:
+        print(front.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    return table
+
+
+def pick_trial(settings: Settings, study: optuna.Study, table: pd.DataFrame, interactive: bool) -> Choice | None:
+    """The trial to export and why: the config's choice, the user's pick, or the export rule's."""
+    if settings.export_trial == "none" or table.empty:
+        return None
+    if isinstance(settings.export_trial, int):
+        if settings.export_trial not in set(table["trial"]):
+            raise HereticError(f"export_trial: trial {settings.export_trial} is not a completed trial of this study")
+        return Choice(settings.export_trial, f"export_trial = {settings.export_trial}")
+    choice = choose_trial(table, ExportRule.of(settings, study))
+    print(f"Export rule picks trial {choice.trial}: {choice.reason}")
+    if not interactive:
+        return choice
+    while True:
+        answer = input(f"Trial to export [{choice.trial}; 'none' to skip]: ").strip() or str(choice.trial)
+        if answer == "none":
+            return None
+        if answer == str(choice.trial):
+            return choice
+        if answer.isdigit() and int(answer) in set(table["trial"]):
+            return Choice(int(answer), "picked at the prompt")
+        print(f"'{answer}' is not a completed trial number", file=sys.stderr)

@@ -1,0 +1,185 @@
+"""The study store: the Optuna storage a study lives in (journal file or RDB), creating and
+resuming a study with its identity checked, stale trials, and the files kept beside it. What a
+study stores is read and written through `records`."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from .config import Settings, build_settings, default_data, merge_dicts
+from .errors import HereticError
+from .prompts import PromptSets
+from .records import WORKER, StudyRecord, TrialRecord, worker_alive
+
+HEARTBEAT_S = 20  # RDB storages: a trial whose worker sent no heartbeat for 3x this is failed
+
+
+def is_shared_storage(url_or_path: str) -> bool:
+    """An Optuna RDB URL (postgresql://, mysql://, sqlite://): several workers may share it."""
+    return "://" in url_or_path
+
+
+def _storage(url_or_path: str) -> optuna.storages.BaseStorage:
+    """A journal file (one worker at a time), or an RDB storage with heartbeats, so that trials of
+    a worker that died are failed by the others instead of staying RUNNING for ever."""
+    if is_shared_storage(url_or_path):
+        try:
+            return optuna.storages.RDBStorage(url_or_path, engine_kwargs={"pool_pre_ping": True},
+                                              heartbeat_interval=HEARTBEAT_S, grace_period=3 * HEARTBEAT_S)  # fmt: skip
+        except ModuleNotFoundError as exc:
+            raise HereticError(f"storage {url_or_path.split('://')[0]}://...: missing driver '{exc.name}' "
+                               "(PostgreSQL: pip install psycopg2-binary)") from None  # fmt: skip
+        except Exception as exc:  # unreachable server, bad credentials, ...: one line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise HereticError(f"cannot open storage {url_or_path.split('@')[-1]}: {first}") from None
+    path = Path(url_or_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+
+
+def _diff_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _diff_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+# Study keys added after their behaviour existed, with the value that matches what older studies did
+# (where the new default differs): an older study resumes only with that value.
+LEGACY_VALUES: dict[str, Any] = {"ignore_echoed_markers": False, "unanswered_is_refusal": False,
+                                 "row_normalization": "none", "biproject_direction": False}
+
+
+def _with_new_defaults(stored: dict | None) -> dict | None:
+    """A stored identity with keys added by later versions filled in with their defaults (or the
+    legacy value that matches the older behaviour): an older study ran with exactly those."""
+    if stored is None:
+        return None
+    defaults = default_data()
+    filled = {key: LEGACY_VALUES.get(key, defaults.get(key)) for key in Settings.STUDY_KEYS}
+    return merge_dicts(filled, stored)
+
+
+def open_study(settings: Settings) -> optuna.Study:
+    """Create the study, or load it after checking it measures the same thing."""
+    storage = _storage(settings.resolved_storage())
+    name = settings.resolved_study_name()
+    seed = settings.seed
+    if seed is not None and is_shared_storage(settings.resolved_storage()):
+        seed += os.getpid()  # workers sharing a study must not all draw the same startup trials
+    sampler = optuna.samplers.TPESampler(n_startup_trials=settings.n_startup_trials, multivariate=True,
+                                         seed=seed)  # fmt: skip
+    # Our CLI reports failures itself; Optuna would also log a traceback for an interrupted trial.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    if name in optuna.study.get_all_study_names(storage):
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+        record = StudyRecord(study)
+        stored = _with_new_defaults(record.identity)
+        stamper = record.stamped_by
+        gone = stamper is None or stamper == WORKER or worker_alive(stamper) is False
+        if stored != settings.study_identity() and not study.trials and gone:
+            # Nothing was measured yet and whoever stamped it is gone (e.g. the first run failed to
+            # load its model): adopt the new settings. A live first worker, still measuring its
+            # directions, keeps its study: a second one with other settings is refused below.
+            record.stamp(settings)
+            return study
+        if stored is not None and stored != settings.study_identity():
+            changed = ", ".join(_diff_keys(stored, settings.study_identity()))
+            raise HereticError(
+                f"study '{name}' in {settings.resolved_storage()} was run with different settings ({changed}); "
+                "resume with the original settings or choose another study_name / study_checkpoint_dir"
+            )
+        return study
+    # load_if_exists: another worker may create the same study between our check and here.
+    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, load_if_exists=True,
+                                directions=["minimize", "minimize"])  # fmt: skip
+    record = StudyRecord(study)
+    if record.identity is None:
+        record.stamp(settings)
+    if _with_new_defaults(record.identity) != settings.study_identity():
+        # Created, or stamped an instant after us, by a live worker with other settings (the
+        # last write wins): refused, and open_study says why.
+        return open_study(settings)
+    return study
+
+
+def load_existing_study(storage: str, study_name: str | None) -> optuna.Study:
+    """Open a study for export/reporting: `storage` is a journal file or an Optuna URL."""
+    if "://" not in storage and not Path(storage).is_file():
+        raise HereticError(f"study file not found: {storage}")
+    backend = _storage(storage)
+    names = optuna.study.get_all_study_names(backend)
+    if study_name is None:
+        if len(names) != 1:
+            raise HereticError(f"{storage} holds {len(names)} studies ({', '.join(names)}): pass --study-name")
+        study_name = names[0]
+    if study_name not in names:
+        raise HereticError(f"no study '{study_name}' in {storage} (found: {', '.join(names) or 'none'})")
+    return optuna.load_study(study_name=study_name, storage=backend)
+
+
+def settings_of(study: optuna.Study, overrides: dict | None = None) -> Settings:
+    data = merge_dicts(StudyRecord(study).config, overrides or {})
+    return build_settings(data, f"study '{study.study_name}' config")
+
+
+UNCLAIMED_S = 120  # a RUNNING trial that never said which process runs it is stale after this
+
+
+def _abandoned(trial: TrialRecord) -> bool:
+    """Left RUNNING by a process that is gone. A trial names its worker first thing (`host:pid`):
+    on this host the process is checked; on another host it cannot be, so it is left alone."""
+    if trial.worker is None:
+        return trial.started is None or (datetime.now() - trial.started).total_seconds() > UNCLAIMED_S
+    return worker_alive(trial.worker) is False
+
+
+def fail_stale_trials(study: optuna.Study, shared: bool = False) -> int:
+    """Trials left RUNNING by a killed process are marked FAIL. In an RDB study Optuna's heartbeat
+    fails those whose worker went silent; in a journal file, those whose worker process is gone.
+    A trial another live process is running is never failed."""
+    if shared:
+        before = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+        optuna.storages.fail_stale_trials(study)
+        return len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))) - before
+    stale = [t for t in StudyRecord(study).trials((TrialState.RUNNING,)) if _abandoned(t)]
+    for trial in stale:
+        study._storage.set_trial_state_values(trial.trial._trial_id, TrialState.FAIL)
+    return len(stale)
+
+
+def study_file(settings: Settings, suffix: str) -> Path:
+    """A file kept beside the study: `<study_checkpoint_dir>/<study name><suffix>`."""
+    return Path(settings.study_checkpoint_dir) / f"{settings.resolved_study_name()}{suffix}"
+
+
+def directions_path(settings: Settings) -> Path:
+    return study_file(settings, ".directions.pt")
+
+
+def check_prompt_fingerprints(study: optuna.Study, prompts: PromptSets) -> dict[str, str | None]:
+    """Refuse to resume when a prompt set's content changed since the study began (same config,
+    but an edited file or a dataset that moved on); record the fingerprints on first use."""
+    current = prompts.fingerprints()
+    record = StudyRecord(study)
+    stored = record.prompt_fingerprints
+    if stored is None:
+        record.prompt_fingerprints = current
+        return current
+    changed = [name for name in current if stored.get(name) != current[name]]
+    if changed:
+        raise HereticError(f"study '{study.study_name}': the content of {', '.join(changed)} changed since the study "
+                           "began; restore the prompts or choose another study_name")  # fmt: skip
+    return current
