@@ -55,27 +55,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results-default"))
     parser.add_argument("--long", type=int, default=128, help="held-out responses are also counted this long")
+    parser.add_argument("--score-only", action="store_true",
+                        help="do not run the command again: score the export of the last run in the work folder")
     parser.add_argument("command", nargs="*", help="extra arguments for the command, after --")
     args = parser.parse_args()
-    out, cache = Path(args.out), ROOT / "benchmarks" / ".cache"
+    out, cache = Path(args.out).resolve(), ROOT / "benchmarks" / ".cache"  # absolute: the scoring runs in `work`
     out.mkdir(parents=True, exist_ok=True)
     work = cache / "default-run"
-    shutil.rmtree(work, ignore_errors=True)
-    (work / "home").mkdir(parents=True)
-    (work / "models").symlink_to(fetch_qwen(ROOT / "models").parent.resolve())
     heldout, edgy = harmbench_prompts(cache, 100), overrefusal_prompts(cache)
-
-    env = {**os.environ, "HOME": str(work / "home"), "PYTHONPATH": str(ROOT), "CI": "1"}
-    command = [sys.executable, "-m", "heretic_like", *args.command]
     started = time.perf_counter()
-    with open(out / "run.log", "w") as log:
-        done = subprocess.run(command, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL)  # fmt: skip
-    study_total = time.perf_counter() - started
-    peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    if not args.score_only:
+        shutil.rmtree(work, ignore_errors=True)
+        (work / "home").mkdir(parents=True)
+        (work / "models").symlink_to(fetch_qwen(ROOT / "models").parent.resolve())
+        env = {**os.environ, "HOME": str(work / "home"), "PYTHONPATH": str(ROOT), "CI": "1"}
+        command = [sys.executable, "-m", "heretic_like", *args.command]
+        with open(out / "run.log", "w") as log:
+            done = subprocess.run(command, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL)  # fmt: skip
+        measured = {"seconds": round(time.perf_counter() - started, 1), "returncode": done.returncode,
+                    "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2)}
+        (out / "command.json").write_text(json.dumps(measured) + "\n")
+    measured = json.loads((out / "command.json").read_text()) if (out / "command.json").is_file() else {}
+    study_total, peak_rss = measured.get("seconds"), measured.get("peak_rss_gib")
     text = (out / "run.log").read_text()
-    if done.returncode != 0:
-        sys.exit(f"the command failed ({done.returncode}); see {out / 'run.log'}")
+    if measured.get("returncode", 0) != 0:
+        sys.exit(f"the command failed ({measured['returncode']}); see {out / 'run.log'}")
     trial = int(re.search(r"Chosen trial (\d+)", text).group(1))
     exported = Path(re.search(r"exported\s+(\S+)", text).group(1))
     (journal,) = (work / "checkpoints").glob("*.journal")
@@ -128,11 +133,11 @@ def main() -> None:
         "capability": study.user_attrs.get("capability"),
         "heldout_still_refused": rows["best_trial"]["still_refused"],
         "heldout_still_refused_long": rows["best_trial"]["still_refused_long"],
-        "timings_s": {**timings, "study_total": round(study_total, 1),
+        "timings_s": {**timings, "study_total": study_total,
                       "per_trial_mean": round(timings.get("trials", 0) / max(len(trials), 1), 1),
                       "heldout_scoring": {k: v["seconds"] for k, v in rows.items()},
                       "benchmark_total": round(time.perf_counter() - started, 1)},  # fmt: skip
-        "peak_rss_gib_command": round(peak_rss, 2),
+        "peak_rss_gib_command": peak_rss,
         "trials": [{"trial": t.number, "state": t.state.name, "refusals": t.user_attrs.get("refusals"),
                     "refusals_at_least": t.user_attrs.get("refusals_at_least"),
                     "kl_divergence": t.user_attrs.get("kl_divergence"), "kl_seconds": t.user_attrs.get("kl_seconds"),

@@ -77,78 +77,103 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
     try:
-        from .config import load_settings, overrides_to_dict
+        from .config import overrides_to_dict
 
         overrides = overrides_to_dict(_split_overrides(rest, parser))
-        if args.command == "testbed":
-            from .testbed import fetch_qwen
-
-            fetch_qwen(args.dest)
-        elif args.command == "report":
-            from .report import write_report
-            from .store import load_existing_study, settings_of
-
-            study = load_existing_study(args.study, args.study_name)
-            settings = settings_of(study, overrides)
-            out = args.out or f"{settings.study_checkpoint_dir}/{study.study_name}-report"
-            for path in write_report(study, settings, out, args.trial, args.residuals):
-                print(path)
-        elif args.command == "chat":
-            from .chat import chat
-
-            if args.study is None:
-                from .model import load_model
-
-                settings = load_settings(None, overrides)
-                chat(load_model(settings), settings.system_prompt, args.max_new_tokens)
-            else:
-                from .records import trial_edit
-                from .results import ExportRule, choose_best, trials_table
-                from .store import load_existing_study, settings_of
-                from .study import study_abliterator
-
-                study = load_existing_study(args.study, args.study_name)
-                settings = settings_of(study, overrides)
-                rule = ExportRule.of(settings, study)
-                number = args.trial if args.trial is not None else choose_best(trials_table(study), rule)
-                if number is None:
-                    raise HereticError(f"study '{study.study_name}' has no completed trial to chat with")
-                edit, _ = trial_edit(study, number)
-                abliterator = study_abliterator(study, settings, list(edit.kernels))
-                abliterator.apply(edit)
-                print(f"Chatting with trial {number} of study '{study.study_name}'")
-
-                def switch(edited: bool) -> None:
-                    if edited:
-                        abliterator.apply(edit)
-                    else:
-                        abliterator.reset()
-
-                chat(abliterator.loaded, settings.system_prompt, args.max_new_tokens, switch)
-        elif args.command == "evaluate":
-            from .capability import evaluate_models
-
-            evaluate_models(load_settings(args.config, overrides), args.compare, args.out)
-        elif args.command == "reproduce":
-            from .reproduce import reproduce
-
-            if reproduce(args.record, args.out, overrides) is False:
-                return 1
-        elif args.command == "export":
-            from .export import export_trial
-            from .store import load_existing_study, settings_of
-
-            study = load_existing_study(args.study, args.study_name)
-            settings = settings_of(study, overrides)
-            export_trial(study, settings, args.trial, args.out)
-        else:
-            from .pipeline import run_and_export
-
-            run_and_export(load_settings(args.config, overrides), sys.stdin.isatty() and not os.environ.get("CI"))
+        return COMMAND_FUNCTIONS[args.command or "run"](args, overrides) or 0
     except HereticError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted: finished trials are saved; run the same command again to resume", file=sys.stderr)
         return 130
-    return 0
+
+
+# ----------------------------------------------------------------------------- one function per command
+# Each takes the parsed arguments and the `--key value` config overrides; returns an exit code
+# (None: 0). Heavy imports stay inside, so `--help` starts without torch.
+
+
+def run_command(args, overrides: dict) -> int | None:
+    from .config import load_settings
+    from .pipeline import run_and_export
+
+    run_and_export(load_settings(args.config, overrides), sys.stdin.isatty() and not os.environ.get("CI"))
+
+
+def export_command(args, overrides: dict) -> int | None:
+    from .export import export_trial
+    from .store import load_existing_study, settings_of
+
+    study = load_existing_study(args.study, args.study_name)
+    export_trial(study, settings_of(study, overrides), args.trial, args.out)
+
+
+def report_command(args, overrides: dict) -> int | None:
+    from .report import write_report
+    from .store import load_existing_study, settings_of
+
+    study = load_existing_study(args.study, args.study_name)
+    settings = settings_of(study, overrides)
+    out = args.out or f"{settings.study_checkpoint_dir}/{study.study_name}-report"
+    for path in write_report(study, settings, out, args.trial, args.residuals):
+        print(path)
+
+
+def chat_command(args, overrides: dict) -> int | None:
+    from .chat import chat
+
+    if args.study is None:
+        from .config import load_settings
+        from .model import load_model
+
+        settings = load_settings(None, overrides)
+        chat(load_model(settings), settings.system_prompt, args.max_new_tokens)
+        return None
+    from .records import trial_edit
+    from .results import ExportRule, choose_best, trials_table
+    from .store import load_existing_study, settings_of
+    from .study import study_abliterator
+
+    study = load_existing_study(args.study, args.study_name)
+    settings = settings_of(study, overrides)
+    number = args.trial if args.trial is not None else choose_best(trials_table(study), ExportRule.of(settings, study))
+    if number is None:
+        raise HereticError(f"study '{study.study_name}' has no completed trial to chat with")
+    edit, _ = trial_edit(study, number)
+    abliterator = study_abliterator(study, settings, list(edit.kernels))
+    abliterator.apply(edit)
+    print(f"Chatting with trial {number} of study '{study.study_name}'")
+
+    def switch(edited: bool) -> None:
+        if edited:
+            abliterator.apply(edit)
+        else:
+            abliterator.reset()
+
+    chat(abliterator.loaded, settings.system_prompt, args.max_new_tokens, switch)
+
+
+def evaluate_command(args, overrides: dict) -> int | None:
+    from .capability import evaluate_models
+    from .config import load_settings
+
+    evaluate_models(load_settings(args.config, overrides), args.compare, args.out)
+
+
+def reproduce_command(args, overrides: dict) -> int | None:
+    from .reproduce import reproduce
+
+    return 1 if reproduce(args.record, args.out, overrides) is False else None
+
+
+def testbed_command(args, overrides: dict) -> int | None:
+    from .testbed import fetch_qwen
+
+    fetch_qwen(args.dest)
+
+
+COMMAND_FUNCTIONS = {
+    "run": run_command, "export": export_command, "report": report_command, "chat": chat_command,
+    "evaluate": evaluate_command, "reproduce": reproduce_command, "testbed": testbed_command,
+}  # fmt: skip
