@@ -22,13 +22,14 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteriaList
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from qwen_benchmark import DATA, fetch_member  # noqa: E402
 
+from heretic_like.batching import Clock  # noqa: E402
 from heretic_like.config import load_settings  # noqa: E402
 from heretic_like.generation import (  # noqa: E402
     PREFILL_ROWS,
@@ -39,17 +40,6 @@ from heretic_like.generation import (  # noqa: E402
 )
 from heretic_like.model import chat_texts, load_model  # noqa: E402
 from heretic_like.testbed import fetch_qwen  # noqa: E402
-
-
-class Clock(StoppingCriteria):
-    """Records when each generated token is out (never stops anything)."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def __call__(self, input_ids, scores, **kwargs):
-        self.times.append(time.perf_counter())
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 @torch.inference_mode()
@@ -74,8 +64,8 @@ def run(loaded, rows: list[list[int]], tokens: int, batch_size: int, chunk_rows:
         out = loaded.model.generate(**batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
                                     pad_token_id=tokenizer.pad_token_id,
                                     stopping_criteria=StoppingCriteriaList([clock]))  # fmt: skip
-        first += clock.times[0] - began
-        steps += [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)]
+        first += clock.stamps[0] - began
+        steps += [b - a for a, b in zip(clock.stamps, clock.stamps[1:], strict=False)]
         texts += tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
     return {"first": first, "step": statistics.median(steps), "total": time.perf_counter() - started, "texts": texts}
 

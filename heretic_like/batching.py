@@ -105,7 +105,7 @@ def settled(samples: list[float]) -> float:
     return statistics.median(samples[1:] if len(samples) > 1 else samples)
 
 
-class _Clock(StoppingCriteria):
+class Clock(StoppingCriteria):
     """Records when each generated token is ready; never stops generation."""
 
     def __init__(self):
@@ -148,7 +148,7 @@ def model_timer(loaded: LoadedModel, texts: list[str], tokens: int, steps: int =
             if repeat > 1:
                 cache.batch_repeat_interleave(repeat)
             batch["past_key_values"] = cache
-        clock = _Clock()
+        clock = Clock()
         started = time.perf_counter()
         loaded.model.generate(**batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
                               temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id,

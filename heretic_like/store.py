@@ -5,6 +5,7 @@ study stores is read and written through `records`."""
 from __future__ import annotations
 
 import os
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -83,36 +84,46 @@ def open_study(settings: Settings) -> optuna.Study:
                                          seed=seed)  # fmt: skip
     # Our CLI reports failures itself; Optuna would also log a traceback for an interrupted trial.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    if name in optuna.study.get_all_study_names(storage):
-        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
-        record = StudyRecord(study)
-        stored = _with_new_defaults(record.identity)
-        stamper = record.stamped_by
-        gone = stamper is None or stamper == WORKER or worker_alive(stamper) is False
-        if stored != settings.study_identity() and not study.trials and gone:
-            # Nothing was measured yet and whoever stamped it is gone (e.g. the first run failed to
-            # load its model): adopt the new settings. A live first worker, still measuring its
-            # directions, keeps its study: a second one with other settings is refused below.
-            record.stamp(settings)
+    if name not in optuna.study.get_all_study_names(storage):  # (an existing study is only read)
+        try:
+            # Creating a study is the one atomic step storages offer (its name is unique): whoever
+            # creates it stamps its identity; everyone else loads it and is checked against that.
+            study = optuna.create_study(study_name=name, storage=storage, sampler=sampler,
+                                        directions=["minimize", "minimize"])  # fmt: skip
+            StudyRecord(study).stamp(settings)
             return study
-        if stored is not None and stored != settings.study_identity():
-            changed = ", ".join(_diff_keys(stored, settings.study_identity()))
-            raise HereticError(
-                f"study '{name}' in {settings.resolved_storage()} was run with different settings ({changed}); "
-                "resume with the original settings or choose another study_name / study_checkpoint_dir"
-            )
-        return study
-    # load_if_exists: another worker may create the same study between our check and here.
-    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, load_if_exists=True,
-                                directions=["minimize", "minimize"])  # fmt: skip
+        except optuna.exceptions.DuplicatedStudyError:
+            pass  # created an instant ago by another worker
+    study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
     record = StudyRecord(study)
-    if record.identity is None:
+    _await_stamp(record)
+    stored = _with_new_defaults(record.identity)
+    stamper = record.stamped_by
+    gone = stamper is None or stamper == WORKER or worker_alive(stamper) is False
+    if stored != settings.study_identity() and not study.trials and gone:
+        # Nothing was measured yet and whoever stamped it is gone (e.g. the first run failed to
+        # load its model): adopt the new settings. A live first worker, still measuring its
+        # directions, keeps its study: a second one with other settings is refused below.
         record.stamp(settings)
-    if _with_new_defaults(record.identity) != settings.study_identity():
-        # Created, or stamped an instant after us, by a live worker with other settings (the
-        # last write wins): refused, and open_study says why.
-        return open_study(settings)
+        return study
+    if stored is not None and stored != settings.study_identity():
+        changed = ", ".join(_diff_keys(stored, settings.study_identity()))
+        raise HereticError(
+            f"study '{name}' in {settings.resolved_storage()} was run with different settings ({changed}); "
+            "resume with the original settings or choose another study_name / study_checkpoint_dir"
+        )
     return study
+
+
+STAMP_WAIT_S = 30.0  # how long a joining worker waits for the creator's stamp
+
+
+def _await_stamp(record: StudyRecord) -> None:
+    """A study created an instant ago by another worker may not carry its stamp yet: wait for it
+    (a creator that died before stamping leaves none; then the joiner adopts the study)."""
+    deadline = time.monotonic() + STAMP_WAIT_S
+    while record.identity is None and not record.study.trials and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def load_existing_study(storage: str, study_name: str | None) -> optuna.Study:

@@ -454,3 +454,18 @@ def test_a_second_worker_with_other_settings_cannot_take_over_a_fresh_study(tiny
         first.wait()
     # its stamper gone and nothing measured yet: the corrected settings adopt the study
     assert open_study(load_settings(str(config), {"max_response_length": 7})) is not None
+
+
+def test_two_workers_creating_one_study_with_other_settings_at_once(tiny_llama, tmp_path):
+    """Creating the study is atomic (its name is unique): exactly one of two racing workers wins,
+    the other is refused, whatever the timing."""
+    config = study_config(tmp_path, tiny_llama)
+    code = ("import sys, time\nfrom heretic_like.config import load_settings\n"
+            "from heretic_like.errors import HereticError\nfrom heretic_like.store import open_study\n"
+            f"settings = load_settings({str(config)!r}, {{'max_response_length': int(sys.argv[1])}})\n"
+            "try:\n    open_study(settings)\n    print('ok', flush=True)\nexcept HereticError:\n"
+            "    print('refused', flush=True)\ntime.sleep(4)\n")  # fmt: skip
+    workers = [subprocess.Popen([sys.executable, "-c", code, str(n)], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
+                                text=True) for n in (7, 9)]  # fmt: skip
+    answers = sorted(w.communicate(timeout=120)[0].strip() for w in workers)
+    assert answers == ["ok", "refused"]
