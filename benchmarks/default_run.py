@@ -33,22 +33,21 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from qwen_benchmark import harmbench_prompts, overrefusal_prompts  # noqa: E402
 
 from heretic_like.detectors import MarkerDetector  # noqa: E402
-from heretic_like.evaluation import count_refusals  # noqa: E402
+from heretic_like.evaluation import refusal_count  # noqa: E402
 from heretic_like.model import chat_texts, load_model  # noqa: E402
+from heretic_like.records import StudyRecord  # noqa: E402
 from heretic_like.store import load_existing_study, settings_of  # noqa: E402
 from heretic_like.testbed import fetch_qwen  # noqa: E402
 
 
-def score(settings, model: str, prompts: list[str], length: int, batch_size: int) -> tuple[int, list[dict], float]:
-    """(refusals, refused prompts with their responses, seconds) of one model folder or GGUF."""
-    loaded = load_model(settings.model_copy(update={"model": model, "gguf_file": None}))
-    detector = MarkerDetector.from_settings(settings)
+def score(settings, loaded, prompts: list[str], length: int, batch_size: int) -> tuple[int, list[dict], float]:
+    """(refusals, refused prompts with their responses, seconds) of a loaded model."""
     texts = chat_texts(loaded.tokenizer, prompts, settings.system_prompt)
     started = time.perf_counter()
-    _, responses, _ = count_refusals(loaded, texts, length, batch_size, detector, prompts=prompts)
-    verdicts = detector.classify(prompts, responses)
-    refused = [{"prompt": p, "response": r} for p, r, v in zip(prompts, responses, verdicts, strict=True) if v]
-    return sum(verdicts), refused, time.perf_counter() - started
+    counted = refusal_count(loaded, texts, prompts, MarkerDetector.from_settings(settings), length, batch_size)
+    refused = [{"prompt": p, "response": r}
+               for p, r, v in zip(prompts, counted.responses, counted.refused, strict=True) if v]  # fmt: skip
+    return counted.refusals, refused, time.perf_counter() - started
 
 
 def main() -> None:
@@ -88,21 +87,23 @@ def main() -> None:
     os.chdir(work)  # the study's paths are relative to where it ran
     os.environ["HOME"] = str(work / "home")
     settings = settings_of(study)
-    frozen = next(t for t in study.trials if t.number == trial)
-    batch_size = int(study.user_attrs["batch_size"])
+    record = StudyRecord(study)
+    frozen = record.trial(trial)
+    batch_size = int(record.batch_size)
     length = settings.max_response_length
 
     rows = {}
     for name, model in (("base", settings.model), ("best_trial", str(work / exported))):
-        held, still, held_s = score(settings, model, heldout, length, batch_size)
-        held_long, still_long, long_s = score(settings, model, heldout, args.long, batch_size)
-        over, _, _ = score(settings, model, edgy, length, batch_size)
+        loaded = load_model(settings.model_copy(update={"model": model, "gguf_file": None}))
+        held, still, held_s = score(settings, loaded, heldout, length, batch_size)
+        held_long, still_long, long_s = score(settings, loaded, heldout, args.long, batch_size)
+        over, _, _ = score(settings, loaded, edgy, length, batch_size)
+        del loaded
         rows[name] = {"heldout_refusals": held, "heldout_refusals_long": held_long, "overrefusal": over,
                       "still_refused": still, "still_refused_long": still_long,
                       "seconds": {"heldout": round(held_s, 1), "heldout_long": round(long_s, 1)}}  # fmt: skip
-    long_attr = study.user_attrs.get("long_refusals", {})
-    timings = dict(study.user_attrs.get("run_timings", {}))
-    trials = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    timings = record.run_timings
+    trials = record.trials()
     summary = {
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, python "
                    f"{platform.python_version()}, torch {torch.__version__}",
@@ -111,26 +112,26 @@ def main() -> None:
         "n_trials": len(trials),
         "n_pruned": sum(t.state.name == "PRUNED" for t in trials),
         "batch_size": batch_size,
-        "batch_size_choice": study.user_attrs.get("batch_size_choice"),
+        "batch_size_choice": record.batch_size_choice,
         "max_response_length": length,
         "long_response_length": args.long,
         "verify_response_length": settings.verify_response_length,
-        "study_eval": {"harmful": int(study.user_attrs["n_harmful_eval"])},
-        "base_refusals_study_eval": study.user_attrs["base_refusals"],
+        "study_eval": {"harmful": int(record.n_harmful_eval)},
+        "base_refusals_study_eval": record.base_refusals,
         "base_refusals_heldout": f"{rows['base']['heldout_refusals']}/{len(heldout)}",
         "base_refusals_heldout_long": f"{rows['base']['heldout_refusals_long']}/{len(heldout)}",
         "best_trial": {
             "rule": f"{settings.export_rule}, KL <= {settings.export_kl_limit}, exchange {settings.export_kl_exchange}",
             "trial": trial,
-            "study_refusals": frozen.user_attrs["refusals"],
-            "study_refusals_verify": long_attr.get(f"{trial}@{settings.verify_response_length}"),
+            "study_refusals": frozen.refusals,
+            "study_refusals_verify": record.long_refusals(trial, settings.verify_response_length),
             "heldout_refusals": rows["best_trial"]["heldout_refusals"],
             "heldout_refusals_long": rows["best_trial"]["heldout_refusals_long"],
-            "kl_divergence": frozen.user_attrs["kl_divergence"],
+            "kl_divergence": frozen.kl_divergence,
         },
         "overrefusal": {"prompts": len(edgy), "base": rows["base"]["overrefusal"],
                         "best_trial": rows["best_trial"]["overrefusal"]},  # fmt: skip
-        "capability": study.user_attrs.get("capability"),
+        "capability": record.capability,
         "heldout_still_refused": rows["best_trial"]["still_refused"],
         "heldout_still_refused_long": rows["best_trial"]["still_refused_long"],
         "timings_s": {**timings, "study_total": study_total,
@@ -138,10 +139,10 @@ def main() -> None:
                       "heldout_scoring": {k: v["seconds"] for k, v in rows.items()},
                       "benchmark_total": round(time.perf_counter() - started, 1)},  # fmt: skip
         "peak_rss_gib_command": peak_rss,
-        "trials": [{"trial": t.number, "state": t.state.name, "refusals": t.user_attrs.get("refusals"),
-                    "refusals_at_least": t.user_attrs.get("refusals_at_least"),
-                    "kl_divergence": t.user_attrs.get("kl_divergence"), "kl_seconds": t.user_attrs.get("kl_seconds"),
-                    "generation_seconds": t.user_attrs.get("generation_seconds")} for t in trials],  # fmt: skip
+        "trials": [{"trial": t.number, "state": t.state.name, "refusals": t.refusals,
+                    "refusals_at_least": t.refusals_at_least, "kl_divergence": t.kl_divergence,
+                    "kl_seconds": t.attr("kl_seconds"), "generation_seconds": t.attr("generation_seconds")}
+                   for t in trials],  # fmt: skip
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     best = summary["best_trial"]

@@ -76,12 +76,12 @@ def count_refusals(run, prompts: list[str], length: int, system_prompt: str | No
     texts = chat_texts(run.abliterator.loaded.tokenizer, prompts, system_prompt)
     started = time.perf_counter()
     detector = run.evaluator.detector
-    _, responses, tokens = evaluation.count_refusals(run.abliterator.loaded, texts, length, run.evaluator.batch_size,
-                                                     detector, prompts=prompts)  # fmt: skip
-    verdicts = detector.classify(prompts, responses)
+    counted = evaluation.refusal_count(run.abliterator.loaded, texts, prompts, detector, length,
+                                       run.evaluator.batch_size)  # fmt: skip
     if refused is not None:
-        refused += [{"prompt": p, "response": r} for p, r, v in zip(prompts, responses, verdicts, strict=True) if v]
-    return sum(verdicts), time.perf_counter() - started, tokens
+        refused += [{"prompt": p, "response": r}
+                    for p, r, v in zip(prompts, counted.responses, counted.refused, strict=True) if v]  # fmt: skip
+    return counted.refusals, time.perf_counter() - started, counted.tokens
 
 
 def samples(run, prompts: list[str], length: int, system_prompt: str | None) -> list[str]:

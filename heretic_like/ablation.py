@@ -19,9 +19,8 @@ from .backends import EditBackend, FusedBackend, HookBackend, LoraBackend
 from .directions import RefusalGeometry, biproject, interpolate_direction, orthonormalize
 from .kernel import Kernel
 from .model import LoadedModel, Target
-from .projection import edited_weight, low_rank_factors, subspace_factors
+from .projection import edited_weight
 
-__all__ = ["Abliterator", "Edit", "EditOptions", "EditStats", "edited_weight", "low_rank_factors", "subspace_factors"]
 
 @dataclass(frozen=True)
 class EditOptions:
@@ -117,19 +116,15 @@ class Abliterator:
             print(f"WARNING: {warning}", file=sys.stderr)
         full = self.options.row_normalization == "full"
         self.rank = self.options.full_normalization_lora_rank if full else geometry.directions_per_layer
-        linear: EditBackend | None = None
+        self.linear: EditBackend | None = None
         if self.options.mode == "hooks":
-            linear = HookBackend()
+            self.linear = HookBackend()
         elif loaded.target_names(self.components):
-            linear = LoraBackend(loaded, loaded.target_names(self.components), self.rank,
-                                 self.options.row_normalization)  # fmt: skip
+            self.linear = LoraBackend(loaded, self.components, self.rank, self.options.row_normalization)
         self.targets = loaded.targets(self.components)  # LoRA-wrapped modules, if any
         fused = [t for t in self.targets if t.fused]
-        self.linear = linear
         self.fused = FusedBackend(fused, self.options.row_normalization) if fused else None
-        self.backends: list[EditBackend] = [b for b in (linear, self.fused) if b is not None]
-        if isinstance(linear, LoraBackend):
-            linear.modules = [t.module for t in self.targets if not t.fused]
+        self.backends: list[EditBackend] = [b for b in (self.linear, self.fused) if b is not None]
         self.current: Edit | None = None
         self.stats = EditStats()
         self.reset()

@@ -41,15 +41,16 @@ class LoraBackend:
     """A peft LoRA of `rank` on the Linear targets. Exact for "none"/"pre" (the edit is low-rank);
     for "full" the best rank-`rank` approximation, its error recorded per trial."""
 
-    def __init__(self, loaded: LoadedModel, names: list[str], rank: int, row_normalization: str):
+    def __init__(self, loaded: LoadedModel, components: list[str], rank: int, row_normalization: str):
         from peft import LoraConfig, get_peft_model
 
-        config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, bias="none", target_modules=names)
+        config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, bias="none",
+                            target_modules=loaded.target_names(components))  # fmt: skip
         with peft_quietly():
             self.peft_model = get_peft_model(loaded.model, config)
         self.peft_model.eval()
         self.rank, self.row_normalization = rank, row_normalization
-        self.modules: list[nn.Module] = []
+        self.modules = [t.module for t in loaded.targets(components) if not t.fused]  # as wrapped
 
     def clear(self) -> None:
         for module in self.modules:

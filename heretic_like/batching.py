@@ -132,9 +132,7 @@ def model_timer(loaded: LoadedModel, texts: list[str], tokens: int, steps: int =
 
     def timed_prefill(chunk: list[list[int]]):
         started = time.perf_counter()
-        cache = prefix.prefill(chunk)
-        if cache is None and prefix.length:
-            cache = prefix.batch_cache(len(chunk))
+        cache = prefix.generation_cache(chunk)
         _sync(cuda)
         return cache, time.perf_counter() - started
 

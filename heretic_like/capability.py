@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .detectors import MarkerDetector, strip_thinking
 from .errors import HereticError
 from .evaluation import count_refusals
-from .generation import generate, left_padded
+from .generation import generate, left_padded, positions
 from .model import LoadedModel, chat_texts, peft_quietly
 
 
@@ -59,7 +59,7 @@ def continuation_logprobs(loaded: LoadedModel, contexts: list[str], continuation
         # Only the positions that predict a continuation token get logits: a whole batch's
         # (rows x length x vocabulary) would be 3 GiB at 64 rows on a 150k vocabulary.
         keep = max(n for _, n in batch) + 1
-        logits = loaded.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        logits = loaded.model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
                               logits_to_keep=keep).logits  # fmt: skip
         logprobs = F.log_softmax(logits.float(), dim=-1).cpu()
         for i, (row, n) in enumerate(batch):

@@ -27,6 +27,12 @@ def shared_prefix_length(rows: list[list[int]]) -> int:
     return length
 
 
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows, from their attention mask: each row counts from 0 at its
+    first real token, as if it were unpadded."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def left_padded(rows: list[list[int]], pad_token_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) of token rows, padded on the left to the longest."""
     width = max(len(r) for r in rows)
@@ -79,13 +85,21 @@ class SharedPrefix:
         cache.batch_repeat_interleave(rows)
         return cache
 
+    def generation_cache(self, rows: list[list[int]]):
+        """The cache a generation batch starts from: packed prefill, or where the model's cache
+        cannot be packed, the prefix's alone (None without a shared prefix)."""
+        cache = self.prefill(rows)
+        if cache is None and self.length:
+            cache = self.batch_cache(len(rows))
+        return cache
+
     def forward(self, rows: list[list[int]], **kwargs):
         """The model's output for whole prompts (each starting with the prefix), run on their own
         tokens only, left-padded, from a copy of the prefix's cache."""
         ids, mask = self.batch(rows)
         if self.length:
             kwargs["past_key_values"] = self.batch_cache(len(rows))
-            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)[:, self.length :]
+            kwargs["position_ids"] = positions(mask)[:, self.length :]
             ids = ids[:, self.length :]
         return self.loaded.model(input_ids=ids, attention_mask=mask, **kwargs)
 
@@ -206,9 +220,7 @@ def generate_batches(
         chunk = rows[start : start + batch_size]
         ids, mask = prefix.batch(chunk)
         batch = {"input_ids": ids, "attention_mask": mask}
-        cache = prefix.prefill(chunk, PREFILL_ROWS)
-        if cache is None and prefix.length:
-            cache = prefix.batch_cache(len(ids))
+        cache = prefix.generation_cache(chunk)
         if cache is not None:
             batch["past_key_values"] = cache
         prompt_length = ids.shape[1]

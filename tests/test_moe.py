@@ -4,10 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from heretic_like.ablation import Abliterator, Edit, EditOptions, edited_weight
+from heretic_like.ablation import Abliterator, Edit, EditOptions
 from heretic_like.cli import main
 from heretic_like.kernel import Kernel
 from heretic_like.model import find_targets, load_model
+from heretic_like.projection import edited_weight
 from tests.conftest import study_config
 from tests.test_ablation import PROMPTS, _logits, geometry_for
 from tests.test_model import settings_for
