@@ -78,7 +78,16 @@ def choose_study_batch_size(settings: Settings, study: optuna.Study, loaded: Loa
     started = time.perf_counter()
     texts = chat_texts(loaded.tokenizer, harmful, settings.system_prompt)
     measure = model_timer(loaded, texts, settings.max_response_length)
-    choice = choose_batch_size(measure, candidate_sizes(settings.max_batch_size))
+    sizes = candidate_sizes(settings.max_batch_size)
+    with tqdm(total=len(sizes), desc="timing batch sizes", unit="size", leave=False) as bar:  # ~1 min on a CPU
+
+        def measured(size: int):
+            bar.set_postfix_str(f"size {size}")
+            timing = measure(size)
+            bar.update(1)
+            return timing
+
+        choice = choose_batch_size(measured, sizes)
     timings["batch_size"] = time.perf_counter() - started
     record.batch_size_choice = choice.to_dict()
     costs = ", ".join(f"{t.size}: {t.seconds_per_response:.3f}" for t in choice.timings)
