@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import json
 import platform
@@ -84,6 +85,25 @@ def count_refusals(run, prompts: list[str], length: int, system_prompt: str | No
     return counted.refusals, time.perf_counter() - started, counted.tokens
 
 
+def unedited_scores(run, model: str, heldout: list[str], edgy: list[str], length: int, system: str | None,
+                    cache: Path) -> tuple[int, float, int, list[str], bool]:  # fmt: skip
+    """The unedited model's held-out and over-refusal counts and samples, measured once per model,
+    prompts, length, batch and detector: every run of a methods comparison scores the same unedited
+    model, so later runs read the first run's figures (and say so) instead of spending ~2 minutes."""
+    key = json.dumps([model, heldout, edgy, length, system,
+                      run.evaluator.batch_size, type(run.evaluator.detector).__name__])  # fmt: skip
+    path = cache / f"unedited-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    if path.is_file():
+        c = json.loads(path.read_text())
+        return c["heldout"], c["seconds"], c["edgy"], c["samples"], True
+    base_heldout, seconds, _ = count_refusals(run, heldout, length, system)
+    base_edgy, _, _ = count_refusals(run, edgy, length, system)
+    base_samples = samples(run, heldout[:5] + edgy[:5], 64, system)
+    path.write_text(json.dumps({"heldout": base_heldout, "seconds": seconds, "edgy": base_edgy,
+                                "samples": base_samples}))  # fmt: skip
+    return base_heldout, seconds, base_edgy, base_samples, False
+
+
 def samples(run, prompts: list[str], length: int, system_prompt: str | None) -> list[str]:
     texts = chat_texts(run.abliterator.loaded.tokenizer, prompts, system_prompt)
     return [r for batch, _ in generate_batches(run.abliterator.loaded, texts, length, len(texts)) for r in batch]
@@ -117,8 +137,11 @@ def main() -> None:
                  "study_name": name, "export_trial": "none"}  # fmt: skip
     if args.study_set == "strongreject":
         fetch_member(*DATA["strongreject"], cache)
-        overrides["bad_evaluation_prompts"] = {"dataset": str(cache / Path(DATA["strongreject"][1]).name),
-                                               "split": f"train[:{args.study_size}]", "column": "forbidden_prompt"}
+        overrides["bad_evaluation_prompts"] = {
+            "dataset": str(cache / Path(DATA["strongreject"][1]).name),
+            "split": f"train[:{args.study_size}]",
+            "column": "forbidden_prompt",
+        }
     overrides.update(overrides_to_dict(args.set))
     settings = load_settings(None, overrides)
 
@@ -135,9 +158,9 @@ def main() -> None:
 
     # Held-out scoring: the unedited model, then every Pareto trial.
     run.abliterator.reset()
-    base_heldout, base_seconds, _ = count_refusals(run, heldout, length, system)
-    base_edgy, _, _ = count_refusals(run, edgy, length, system)
-    base_samples = samples(run, heldout[:5] + edgy[:5], 64, system)
+    base_heldout, base_seconds, base_edgy, base_samples, base_cached = unedited_scores(
+        run, str(settings.model), heldout, edgy, length, system, cache
+    )
     rule = ExportRule.of(settings, study)
     best = choose_best(table, rule)
     front = pareto_front(table)
@@ -189,6 +212,8 @@ def main() -> None:
                       "trials_generation": round(gen_seconds, 1),
                       "per_trial_mean": round((kl_seconds + gen_seconds) / max(len(trials), 1), 1),
                       "heldout_base_scoring": round(base_seconds, 1), "benchmark_total": round(total_seconds, 1)},
+        # the unedited model's held-out figures were read from an earlier run's measurement
+        "unedited_scores_cached": base_cached,
         "tokens_per_second_in_trials": round(gen_tokens / gen_seconds, 1) if gen_seconds else None,
         "peak_rss_gib": round(peak_rss / 2**30, 2),
         "model_footprint_gib": round(footprint / 2**30, 2),
