@@ -154,7 +154,8 @@ def evaluate_capabilities(loaded: LoadedModel, settings, batch_size: int, respon
     metrics |= task_scores(loaded, free_form_tasks(), settings.system_prompt, batch_size, response_prefix, tags)
     if edgy:
         detector = MarkerDetector.from_settings(settings, response_prefix)
-        texts = chat_texts(loaded.tokenizer, edgy, settings.system_prompt, response_prefix)
+        own = settings.overrefusal_prompts.system_prompt if settings.overrefusal_prompts else None
+        texts = chat_texts(loaded.tokenizer, edgy, settings.system_prompt if own is None else own, response_prefix)
         refused, _, _ = count_refusals(loaded, texts, settings.max_response_length, batch_size, detector, prompts=edgy)
         metrics["overrefusal"] = refused / len(edgy)
     if settings.lm_eval_tasks:
@@ -239,14 +240,35 @@ def _edgy(settings) -> list[str] | None:
     return load_prompts(spec, "overrefusal_prompts") if spec is not None else None
 
 
-def evaluate_models(settings, compare: str, out_dir: str | Path | None = None) -> pd.DataFrame:
+def chosen_benchmarks(settings, asked: list[str]) -> list[str]:
+    """The lm-eval tasks of `settings.benchmarks` asked for by task or name (`all`: every one);
+    an unknown one is an error that lists what is offered."""
+    offered = {key.lower(): b.task for b in settings.benchmarks for key in (b.task, b.name)}
+    if any(a.lower() == "all" for a in asked):
+        return [b.task for b in settings.benchmarks]
+    unknown = [a for a in asked if a.lower() not in offered]
+    if unknown:
+        names = ", ".join(b.task for b in settings.benchmarks) or "none: the config's `benchmarks` is empty"
+        raise HereticError(f"--benchmark {unknown[0]}: not among the config's benchmarks ({names})")
+    return list(dict.fromkeys(offered[a.lower()] for a in asked))
+
+
+def evaluate_models(settings, compare: str, out_dir: str | Path | None = None,
+                    benchmarks: list[str] = ()) -> pd.DataFrame:  # fmt: skip
     """`settings.model` (base) vs `compare` (a model folder or hub id, or a peft adapter folder
     for the base), evaluated one after the other; the table is printed and saved to `out_dir`
-    (default: the compared folder), and put into its model card when it has one."""
+    (default: the compared folder), and put into its model card when it has one. `benchmarks`
+    picks lm-eval tasks from the config's `benchmarks` to run besides `lm_eval_tasks`."""
     import gc
 
     from .model import load_model
 
+    chosen = chosen_benchmarks(settings, list(benchmarks))
+    if chosen:
+        settings = settings.model_copy(update={"lm_eval_tasks": list(dict.fromkeys(settings.lm_eval_tasks + chosen))})
+    elif settings.benchmarks:
+        print(f"Benchmarks offered (evaluate --benchmark TASK, or all): "
+              f"{', '.join(b.task for b in settings.benchmarks)}")  # fmt: skip
     require_lm_eval(settings)
     edgy = _edgy(settings)
     batch = settings.batch_size or 8

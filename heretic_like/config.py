@@ -43,6 +43,45 @@ class PromptSpec(_Strict):
     dataset: str = Field(min_length=1)
     split: str = "train"
     column: str = "text"
+    commit: str | None = None  # hub revision of the dataset (Heretic's key)
+    prefix: str = ""  # put before each prompt, with a space (as Heretic does)
+    suffix: str = ""  # put after each prompt, with a space
+    system_prompt: str | None = None  # this set's system prompt instead of the global one
+    residual_plot_label: str | None = None  # the set's name in residual plots
+    residual_plot_color: str | None = None  # a matplotlib colour for it there
+
+
+# Prompt-set fields that only label plots: changing them does not change what a study measures.
+PLOT_ONLY_FIELDS = {"residual_plot_label", "residual_plot_color"}
+
+
+# Fields added to prompt sets later (Heretic's), left out of a study's identity while at their
+# defaults: studies stamped before they existed keep their identity and their cached directions.
+LATER_SPEC_FIELDS = {"commit": None, "prefix": "", "suffix": "", "system_prompt": None}
+
+
+def prompt_spec_identity(spec: dict[str, Any]) -> dict[str, Any]:
+    """What a prompt set contributes to a study's identity: every field that changes the prompts,
+    none that only labels plots."""
+    data = PromptSpec.model_validate(spec).model_dump(mode="json", exclude=PLOT_ONLY_FIELDS)
+    return {k: v for k, v in data.items() if k not in LATER_SPEC_FIELDS or v != LATER_SPEC_FIELDS[k]}
+
+
+def normal_identity(identity: dict[str, Any]) -> dict[str, Any]:
+    """A study identity in the one form stored and compared: prompt sets as `prompt_spec_identity`
+    gives them, `model_commit` (added later) absent while unset."""
+    out = {key: prompt_spec_identity(v) if isinstance(v, dict) and "dataset" in v else v for key, v in identity.items()}
+    if out.get("model_commit", "") is None:
+        del out["model_commit"]
+    return out
+
+
+class Benchmark(_Strict):
+    """An lm-evaluation-harness task the `evaluate` command offers (Heretic's `benchmarks`)."""
+
+    task: str = Field(min_length=1)
+    name: str = Field(min_length=1)
+    description: str = ""
 
 
 class Range(_Strict):
@@ -100,10 +139,11 @@ class Settings(_Strict):
 
     # --- model ---
     model: str = Field(min_length=1)
+    model_commit: str | None = None
     gguf_file: str | None = None
     dtypes: list[Literal["auto", "float32", "float16", "bfloat16"]] = Field(min_length=1)
     quantization: Literal["none", "bnb_4bit"]
-    device_map: str
+    device_map: str | dict[str, int | str]
     max_memory: dict[str, str] | None = None
     cache_dir: str
     chat_template: str | None = None
@@ -161,6 +201,15 @@ class Settings(_Strict):
     overrefusal_prompts: PromptSpec | None
     lm_eval_tasks: list[str]
     lm_eval_limit: int | None = Field(None, ge=1)
+    benchmarks: list[Benchmark]
+    evaluate_model: str | None = None
+    # --- other runs of the main command (Heretic's keys) ---
+    reproduce: str | None = None
+    # --- plots of the residuals (PaCMAP when installed, else PCA) ---
+    plot_residuals: bool
+    residual_plot_path: str
+    residual_plot_title: str
+    residual_plot_style: str
     # --- prompts ---
     good_prompts: PromptSpec
     bad_prompts: PromptSpec
@@ -192,7 +241,8 @@ class Settings(_Strict):
 
     # Keys that define what a study measures: resuming with any of them changed is refused.
     STUDY_KEYS: ClassVar[tuple[str, ...]] = (
-        "model", "gguf_file", "quantization", "chat_template", "system_prompt", "response_prefix", "thinking_tags",
+        "model", "model_commit", "gguf_file", "quantization", "chat_template", "system_prompt", "response_prefix",
+        "thinking_tags",
         "max_response_length", "kl_divergence_scale", "kl_divergence_target", "refusal_markers",
         "ignore_echoed_markers", "unanswered_is_refusal", "refusal_detector", "refusal_judge_model",
         "refusal_judge_url",
@@ -210,7 +260,7 @@ class Settings(_Strict):
     def study_identity(self) -> dict[str, Any]:
         """The config subset a study's results depend on (JSON-ready)."""
         data = self.model_dump(mode="json")
-        return {key: data[key] for key in self.STUDY_KEYS}
+        return normal_identity({key: data[key] for key in self.STUDY_KEYS})
 
     def study_fingerprint(self) -> str:
         blob = json.dumps(self.study_identity(), sort_keys=True).encode()
@@ -307,20 +357,40 @@ def build_settings(data: dict[str, Any], origin: str) -> Settings:
         raise HereticError(format_validation_error(exc, origin)) from None
 
 
+def _ours(data: dict[str, Any], origin: str) -> dict[str, Any]:
+    """A user's config with Heretic 1.4's spellings rewritten (compat.py); one warning line on
+    stderr per key that cannot apply."""
+    from .compat import translate
+
+    data, warnings = translate(data)
+    for warning in warnings:
+        print(f"warning: {origin}: {warning}", file=sys.stderr)
+    return data
+
+
 def load_settings(config_path: str | None = None, overrides: dict[str, Any] | None = None) -> Settings:
-    """Default config, then the user's file (if any), then CLI overrides; validated once."""
+    """Default config, then the user's file (if any), then CLI overrides; validated once. A
+    Heretic config is read as it is (compat.py)."""
     data = default_data()
     origin = "config.default.toml"
     if config_path is not None:
         path = Path(config_path)
         if not path.is_file():
             raise HereticError(f"config file not found: {config_path}")
-        data = merge_dicts(data, _read_toml(path.read_text(), str(path)))
+        data = merge_dicts(data, _ours(_read_toml(path.read_text(), str(path)), str(path)))
         origin = str(path)
     elif Path("config.toml").is_file():
-        data = merge_dicts(data, _read_toml(Path("config.toml").read_text(), "config.toml"))
+        data = merge_dicts(data, _ours(_read_toml(Path("config.toml").read_text(), "config.toml"), "config.toml"))
         origin = "config.toml"
     if overrides:
-        data = merge_dicts(data, overrides)
+        data = merge_dicts(data, _ours(overrides, "command line"))
         origin = f"{origin} + command-line overrides"
     return build_settings(data, origin)
+
+
+def settings_toml(settings: Settings) -> str:
+    """The effective settings as a TOML config that loads back to the same settings (unset keys
+    are left out: TOML has no null)."""
+    import tomli_w
+
+    return tomli_w.dumps(settings.model_dump(mode="json", exclude_none=True))

@@ -102,14 +102,17 @@ class Score:
 class Evaluator:
     """Holds the formatted evaluation prompts and the unedited model's reference numbers."""
 
-    def __init__(self, loaded: LoadedModel, harmful: list[str], harmless: list[str], system_prompt: str | None,
-                 detector: Detector, max_response_length: int, batch_size: int,
-                 stop_at_marker: bool = True, response_prefix: str = ""):  # fmt: skip
+    def __init__(self, loaded: LoadedModel, harmful: list[str], harmless: list[str],
+                 system_prompt: str | None | tuple[str | None, str | None], detector: Detector,
+                 max_response_length: int, batch_size: int, stop_at_marker: bool = True,
+                 response_prefix: str = ""):  # fmt: skip
+        """`system_prompt`: one for both sets, or (harmful's, harmless's) where the sets differ."""
+        harmful_system, harmless_system = system_prompt if isinstance(system_prompt, tuple) else (system_prompt,) * 2
         self.loaded = loaded
         self.harmful_prompts = harmful
-        self.harmful = chat_texts(loaded.tokenizer, harmful, system_prompt, response_prefix)
+        self.harmful = chat_texts(loaded.tokenizer, harmful, harmful_system, response_prefix)
         self.order = list(range(len(harmful)))  # harmful prompts' original positions, in scoring order
-        self.harmless = chat_texts(loaded.tokenizer, harmless, system_prompt, response_prefix)
+        self.harmless = chat_texts(loaded.tokenizer, harmless, harmless_system, response_prefix)
         self.detector = detector
         self.max_response_length = max_response_length
         self.batch_size = batch_size

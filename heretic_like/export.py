@@ -9,79 +9,19 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import datetime, timezone
 from pathlib import Path
 
 import optuna
 
-from . import __version__
 from .ablation import Abliterator, Edit
 from .backends import LoraBackend
+from .card import model_card
 from .config import Settings
 from .errors import HereticError
 from .provenance import build_record, weight_hashes, write_record
-from .records import StudyRecord, TrialRecord, trial_edit
+from .records import trial_edit
 from .store import study_file
 from .study import study_abliterator
-
-
-def model_card(settings: Settings, study: optuna.Study, trial: TrialRecord, edit: Edit) -> str:
-    record = StudyRecord(study)
-    base = "?" if record.base_refusals is None else record.base_refusals
-    total = "?" if record.n_harmful_eval is None else record.n_harmful_eval
-    index = "per layer" if edit.direction_index is None else f"{edit.direction_index:.2f}"
-    rows = [("direction_index", index), ("row_normalization", settings.row_normalization),
-            ("orthogonalize_direction", str(settings.orthogonalize_direction).lower()),
-            ("biproject_direction", str(settings.biproject_direction).lower()),
-            ("directions_per_layer", str(settings.directions_per_layer))]
-    if settings.capability_prompts is not None:
-        rows.append(("entangled_strength", f"{edit.entangled_strength:.3f}"))
-    for component, kernel in edit.kernels.items():
-        for key, value in vars(kernel).items():
-            rows.append((f"{component}.{key}", f"{value:.2f}"))
-    params = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    long, length = "", settings.verify_response_length
-    long_count = record.long_refusals(trial.number, length)
-    if long_count is not None:
-        long = f"| refusals, {length}-token responses | {long_count}/{total} | — |\n"
-    capability = ""
-    stored = record.capability
-    if "base" in stored and str(trial.number) in stored:
-        from .capability import card_section, comparison
-
-        capability = "\n" + card_section(comparison(stored["base"], stored[str(trial.number)]))
-    usage = ""
-    if settings.export_strategy == "adapter":
-        load = "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), THIS_FOLDER)"
-        usage = f"\n## Usage\n\nThis folder holds only a peft LoRA adapter for `{settings.model}`:\n\n    {load}\n"
-    return f"""---
-tags: [heretic_like, abliterated, uncensored]
-base_model: {settings.model}
----
-# {Path(settings.model).name} (abliterated)
-
-A refusal-ablated version of `{settings.model}`, made with heretic_like {__version__}
-(study `{study.study_name}`, trial {trial.number}, {datetime.now(timezone.utc):%Y-%m-%d}).
-Each listed module's weight was edited as W <- W - w V^T V W (V: the refusal direction(s), one
-row each; with row_normalization "full", the projection acts on the unit rows of W and every row
-keeps its original norm), with the per-layer strength w given by the kernel below.
-
-## Abliteration parameters
-
-| parameter | value |
-|---|---|
-{params}
-
-## Performance
-
-| metric | this model | original model |
-|---|---|---|
-| KL divergence (first response token, harmless prompts) | {trial.kl_divergence:.4f} | 0 (by definition) |
-| refusals (harmful evaluation prompts) | {trial.refusals}/{total} | {base}/{total} |
-{long}
-Refusals are counted by marker strings in greedy responses of {settings.max_response_length} tokens.
-Removing refusals does not make a model's answers correct or safe; use responsibly.
-{capability}{usage}"""
 
 
 def _write_atomically(out_dir: str | Path, write) -> Path:

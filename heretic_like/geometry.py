@@ -20,7 +20,6 @@ class GeometryOptions:
     """What measuring the directions depends on, and where they are cached (keyed by the study's
     config fingerprint): the few settings this module reads, not the whole config."""
 
-    system_prompt: str | None
     winsorization_quantile: float
     orthogonalize: bool
     directions_per_layer: int
@@ -30,7 +29,7 @@ class GeometryOptions:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> GeometryOptions:
-        return cls(settings.system_prompt, settings.winsorization_quantile, settings.orthogonalize_direction,
+        return cls(settings.winsorization_quantile, settings.orthogonalize_direction,
                    settings.directions_per_layer, settings.direction_candidates, directions_path(settings),
                    settings.study_fingerprint())  # fmt: skip
 
@@ -58,7 +57,7 @@ def measure_geometry(options: GeometryOptions, loaded: LoadedModel, prompts: Pro
     residuals = {}
     for kind in ("harmful", "harmless", "capability"):
         if getattr(prompts, kind) is not None:
-            collected = collect_residuals(loaded, getattr(prompts, kind), options.system_prompt, batch_size,
+            collected = collect_residuals(loaded, getattr(prompts, kind), prompts.system(kind), batch_size,
                                           f"{kind} residuals", response_prefix)  # fmt: skip
             residuals[kind] = winsorize(collected, options.winsorization_quantile)
     return measure(residuals["harmful"], residuals["harmless"], residuals.get("capability"),

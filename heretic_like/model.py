@@ -286,8 +286,10 @@ def load_model(settings: Settings) -> LoadedModel:
         source = str(Path(source).expanduser())
         if not (Path(source) / "config.json").is_file():
             raise HereticError(f"model directory '{settings.model}' has no config.json")
+    # a hub id is read at `model_commit` when given (Heretic's key); local files have no revisions
+    hub = {"revision": settings.model_commit} if settings.model_commit and source == settings.model else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, **hub)
     except Exception as exc:
         raise HereticError(f"cannot load tokenizer for '{settings.model}': {_first_line(exc)}") from None
     if settings.chat_template:
@@ -300,7 +302,7 @@ def load_model(settings: Settings) -> LoadedModel:
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = _load_with_dtypes(settings, source)
+    model = _load_with_dtypes(settings, source, **hub)
     layers_path = find_decoder_layers(model)
     num_layers = len(model.get_submodule(layers_path))
     return LoadedModel(model, tokenizer, layers_path, num_layers, source)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 from .config import Settings
+from .dashboard import attach_plots
 from .export import export_trial
 from .provenance import build_record, write_record
 from .records import StudyRecord
@@ -22,6 +23,10 @@ def run_and_export(settings: Settings, interactive: bool) -> None:
         from .capability import require_lm_eval
 
         require_lm_eval(settings)  # a missing lm-eval fails before hours of trials, not after
+    if settings.plot_residuals:
+        from .report import ResidualPlotStyle
+
+        ResidualPlotStyle.from_settings(settings).check()  # a bad colour fails now, not after the directions
     run = run_study(settings)
     choice = pick_trial(settings, run.study, run.table, interactive)
     if choice is None:
@@ -42,6 +47,8 @@ def run_and_export(settings: Settings, interactive: bool) -> None:
     started = time.perf_counter()
     out = export_trial(run.study, settings, number, None, run.abliterator)
     timings["export"] = time.perf_counter() - started
+    # the chosen trial's plots, where `python -m heretic_like dashboard` shows them
+    attach_plots(run.study, settings.resolved_storage(), settings.study_checkpoint_dir, number)
     record = StudyRecord(run.study)
     record.run_timings = {k: round(v, 1) for k, v in timings.items()}
     trial = record.trial(number)

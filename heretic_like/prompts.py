@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -43,7 +43,9 @@ def _resolve(spec: PromptSpec) -> tuple[str, dict, str]:
             raise HereticError(f"prompt file {source} is empty")
         column = "text" if builder == "text" else spec.column
         return builder, {"data_files": str(path)}, column
-    return source, {}, spec.column  # a local dataset directory or a hub id
+    if Path(source).expanduser().is_dir():
+        return str(Path(source).expanduser()), {}, spec.column  # a local dataset directory
+    return source, {"revision": spec.commit} if spec.commit else {}, spec.column  # a hub id
 
 
 def load_prompts(spec: PromptSpec, what: str) -> list[str]:
@@ -72,7 +74,8 @@ def load_prompts(spec: PromptSpec, what: str) -> list[str]:
     prompts = [str(p).strip() for p in data[column] if p is not None and str(p).strip()]
     if not prompts:
         raise HereticError(f"{what}: '{spec.dataset}' split '{spec.split}' holds no prompts")
-    return prompts
+    # prefix and suffix join the prompt with a space, as in Heretic, so its configs mean the same
+    return [" ".join(part for part in (spec.prefix, p, spec.suffix) if part) for p in prompts]
 
 
 def prompts_fingerprint(prompts: list[str] | None) -> str | None:
@@ -98,6 +101,12 @@ class PromptSets:
     harmful_eval: list[str]
     harmless_eval: list[str]
     capability: list[str] | None = None
+    # each set's system prompt: its own `system_prompt` where given, else the global one
+    systems: dict[str, str | None] = field(default_factory=dict)
+
+    def system(self, kind: str) -> str | None:
+        """The system prompt the set `kind` ("harmful", "harmless_eval", ...) is formatted with."""
+        return self.systems[kind]
 
     def fingerprints(self) -> dict[str, str | None]:
         """Content fingerprint of each set, under its config name (as studies store them)."""
@@ -106,8 +115,10 @@ class PromptSets:
 
 def load_all_prompts(settings: Settings) -> PromptSets:
     """Every prompt set the config names (capability: None when unset); errors name the config key."""
-    sets = {}
+    sets, systems = {}, {}
     for name, key in CONFIG_NAMES.items():
         spec = getattr(settings, key)
         sets[name] = load_prompts(spec, key) if spec is not None else None
-    return PromptSets(**sets)
+        own = spec.system_prompt if spec is not None else None
+        systems[name] = own if own is not None else settings.system_prompt
+    return PromptSets(**sets, systems=systems)

@@ -5,6 +5,7 @@ Everything is drawn from what the study stored; only the residual plots need the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -17,7 +18,8 @@ import torch  # noqa: E402
 
 from .ablation import Edit  # noqa: E402
 from .config import Settings  # noqa: E402
-from .directions import RefusalGeometry, cross_layer_cosine  # noqa: E402
+from .directions import RefusalGeometry, collect_residuals, cross_layer_cosine  # noqa: E402
+from .errors import HereticError  # noqa: E402
 from .records import TRIAL_VALUES, StudyRecord, response_prefix_of, trial_edit  # noqa: E402
 from .results import ExportRule, choose_best, pareto_front, trials_table  # noqa: E402
 
@@ -31,6 +33,24 @@ def all_trials_table(study: optuna.Study) -> pd.DataFrame:
         row.update(t.params)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _kl_axis(ax, kl: list[float]) -> None:
+    """An x axis on which the KL values can be read. Within one decade (the usual case: a 12-trial
+    study spans KL 0.018-0.06) a log axis has no major tick at all, so it stays linear; wider,
+    it is logarithmic with ticks at 1, 2 and 5 of each decade, labelled as plain numbers."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    positive = [v for v in kl if v > 0]
+    if not positive or max(positive) / min(positive) < 10:
+        ax.set_xlim(left=0)
+        return
+    if len(positive) < len(kl):  # a trial with KL 0 (no edit) sits at 0 on a symmetric-log axis
+        ax.set_xscale("symlog", linthresh=min(positive) / 2)
+    else:
+        ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
 
 
 def plot_pareto(study: optuna.Study, chosen: int | None, path: Path) -> None:
@@ -52,7 +72,7 @@ def plot_pareto(study: optuna.Study, chosen: int | None, path: Path) -> None:
                    label=f"chosen: trial {chosen}")  # fmt: skip
     if base is not None:
         ax.axhline(base, ls="--", c="0.4", lw=0.8, label=f"unedited ({base})")
-    ax.set_xscale("symlog", linthresh=1e-3)
+    _kl_axis(ax, [*table["kl_divergence"], *(t.kl_divergence for t in pruned)])
     ax.set_xlabel("KL divergence from the original (first response token)")
     ax.set_ylabel(f"refusals / {record.n_harmful_eval or '?'}")
     ax.set_title(f"Study '{study.study_name}': {len(table)} trials")
@@ -66,9 +86,9 @@ def plot_kernels(edit: Edit, num_layers: int, number: int, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for component, kernel in edit.kernels.items():
         ax.plot(range(num_layers), kernel.weights(num_layers).numpy(), marker="o", ms=3, label=component)
-    index = "per layer" if edit.direction_index is None else f"{edit.direction_index:.2f}"
+    index = "each layer's own" if edit.direction_index is None else f"layer {edit.direction_index:.4g}"
     if edit.direction_index is not None:
-        ax.axvline(edit.direction_index, ls=":", c="0.3", label="direction_index")
+        ax.axvline(edit.direction_index, ls=":", c="0.3", label="the direction's layer")
     ax.set_xlabel("layer")
     ax.set_ylabel("ablation weight w")
     ax.set_title(f"Trial {number}: per-layer edit strength (direction: {index})")
@@ -80,28 +100,39 @@ def plot_kernels(edit: Edit, num_layers: int, number: int, path: Path) -> None:
 
 def plot_layer_metrics(geometry: RefusalGeometry, path: Path, title: str,
                        window: tuple[float, float] = (0.0, 1.0)) -> None:  # fmt: skip
-    """Left: SNR, cosine dissimilarity and quality per layer (the searched window shaded, its best
-    layer marked); right: the cosine between every pair of layers' directions."""
+    """Left: SNR, cosine dissimilarity and quality per layer, each on its own scale (quality is
+    ~100x smaller than SNR: on a shared axis it is a flat line at zero), the searched window
+    shaded and its best layer marked; right: the cosine between every pair of layers' directions."""
     table = geometry.metrics()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1.4, 1]})
-    left.plot(table["layer"], table["snr"], marker="o", ms=3, label="SNR = |r| / max(|mu_harmful|, |mu_harmless|)")
-    left.plot(table["layer"], 1 - table["cosine"], marker="o", ms=3, label="1 - cos(mu_harmful, mu_harmless)")
-    left.plot(table["layer"], table["quality"], marker="o", ms=3, lw=2, label="quality = SNR x (1 - cos)")
+    fig = plt.figure(figsize=(12, 6))
+    grid = fig.add_gridspec(3, 2, width_ratios=[1.4, 1], hspace=0.15)
     best, last = geometry.best_layer(window), max(geometry.num_layers - 1, 1)
-    if window != (0.0, 1.0):
-        left.axvspan(window[0] * last, window[1] * last, color="0.9", label="search.direction_index window")
-    left.axvline(best, ls=":", c="0.3", label=f"best layer ({best})")
-    left.set_xlabel("layer")
-    left.set_title("Refusal direction quality per layer")
-    left.legend(fontsize=7)
+    panels = [("snr", "SNR", "|r| / max(|mu_harmful|, |mu_harmless|)", "tab:blue"),
+              ("dissimilarity", "1 - cos", "1 - cos(mu_harmful, mu_harmless)", "tab:orange"),
+              ("quality", "quality", "SNR x (1 - cos): picks the best layer", "tab:green")]  # fmt: skip
+    values = {"snr": table["snr"], "dissimilarity": 1 - table["cosine"], "quality": table["quality"]}
+    axes = []
+    for row, (key, label, meaning, colour) in enumerate(panels):
+        ax = fig.add_subplot(grid[row, 0], sharex=axes[0] if axes else None)
+        ax.plot(table["layer"], values[key], marker="o", ms=3, c=colour, label=meaning)
+        if window != (0.0, 1.0):
+            ax.axvspan(window[0] * last, window[1] * last, color="0.92",
+                       label="search.direction_index window" if row == 2 else None)  # fmt: skip
+        ax.axvline(best, ls=":", c="0.3", label=f"best layer ({best})" if row == 2 else None)
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7, loc="upper left")
+        ax.tick_params(labelbottom=row == 2)
+        axes.append(ax)
+    axes[0].set_title("Refusal direction quality per layer")
+    axes[-1].set_xlabel("layer")
+    right = fig.add_subplot(grid[:, 1])
     image = right.imshow(cross_layer_cosine(geometry.directions).numpy(), vmin=-1, vmax=1, cmap="RdBu_r")
     right.set_xlabel("layer")
     right.set_ylabel("layer")
     right.set_title("cosine between layers' directions")
     fig.colorbar(image, ax=right, fraction=0.046)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -121,30 +152,74 @@ def project_2d(harmful: torch.Tensor, harmless: torch.Tensor) -> tuple[torch.Ten
     return points[: len(harmful)], points[len(harmful) :], method
 
 
-def plot_residuals(harmful: torch.Tensor, harmless: torch.Tensor, path: Path, title: str) -> str:
+@dataclass(frozen=True)
+class ResidualPlotStyle:
+    """How residual plots look (Heretic's residual_plot_* keys): labels and colours of the
+    harmful and harmless sets, and a matplotlib style sheet."""
+
+    harmful: tuple[str, str] = ("harmful", "darkorange")  # (label, colour)
+    harmless: tuple[str, str] = ("harmless", "royalblue")
+    sheet: str = "default"
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ResidualPlotStyle:
+        bad, good = settings.bad_prompts, settings.good_prompts
+        return cls((bad.residual_plot_label or cls.harmful[0], bad.residual_plot_color or cls.harmful[1]),
+                   (good.residual_plot_label or cls.harmless[0], good.residual_plot_color or cls.harmless[1]),
+                   settings.residual_plot_style)  # fmt: skip
+
+    def check(self) -> None:
+        """Fail with one line before any slow work, not in matplotlib after it."""
+        from matplotlib.colors import is_color_like
+
+        if self.sheet != "default" and self.sheet not in plt.style.available:
+            raise HereticError(f"residual_plot_style: '{self.sheet}' is not a matplotlib style "
+                               f"(e.g. {', '.join(sorted(plt.style.available)[:4])}, ...)")  # fmt: skip
+        for key, (_, colour) in (("bad_prompts", self.harmful), ("good_prompts", self.harmless)):
+            if not is_color_like(colour):
+                raise HereticError(f"{key}.residual_plot_color: '{colour}' is not a matplotlib colour")
+
+
+def plot_residuals(harmful: torch.Tensor, harmless: torch.Tensor, path: Path, title: str,
+                   style: ResidualPlotStyle = ResidualPlotStyle()) -> str:  # fmt: skip
     """One panel per layer: harmful vs harmless residuals (n_prompts, n_layers, d)."""
     layers = harmful.shape[1]
     cols = min(6, layers)
     rows = (layers + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.4 * rows), squeeze=False)
     method = "PCA"
-    for layer in range(rows * cols):
-        ax = axes[layer // cols][layer % cols]
-        ax.set_xticks([])
-        ax.set_yticks([])
-        if layer >= layers:
-            ax.axis("off")
-            continue
-        bad, good, method = project_2d(harmful[:, layer], harmless[:, layer])
-        ax.scatter(good[:, 0], good[:, 1], s=4, c="royalblue", label="harmless")
-        ax.scatter(bad[:, 0], bad[:, 1], s=4, c="darkorange", label="harmful")
-        ax.set_title(f"layer {layer}", fontsize=8)
-    axes[0][0].legend(fontsize=6, markerscale=2)
-    fig.suptitle(f"{title} ({method})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with plt.style.context(style.sheet):
+        fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.4 * rows), squeeze=False)
+        for layer in range(rows * cols):
+            ax = axes[layer // cols][layer % cols]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if layer >= layers:
+                ax.axis("off")
+                continue
+            bad, good, method = project_2d(harmful[:, layer], harmless[:, layer])
+            ax.scatter(good[:, 0], good[:, 1], s=4, c=style.harmless[1], label=style.harmless[0])
+            ax.scatter(bad[:, 0], bad[:, 1], s=4, c=style.harmful[1], label=style.harmful[0])
+            ax.set_title(f"layer {layer}", fontsize=8)
+        axes[0][0].legend(fontsize=6, markerscale=2)
+        fig.suptitle(f"{title} ({method})")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
     return method
+
+
+def write_residual_plot(settings: Settings, loaded, prompts, response_prefix: str, batch_size: int,
+                        path: Path) -> Path:  # fmt: skip
+    """Collect the direction prompts' residuals and plot them (report --residuals, plot_residuals)."""
+    style = ResidualPlotStyle.from_settings(settings)
+    style.check()
+    bad = collect_residuals(loaded, prompts.harmful, prompts.system("harmful"), batch_size, "harmful residuals",
+                            response_prefix)  # fmt: skip
+    good = collect_residuals(loaded, prompts.harmless, prompts.system("harmless"), batch_size, "harmless residuals",
+                             response_prefix)  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plot_residuals(bad, good, path, f"{settings.residual_plot_title}: {settings.model}", style)
+    return path
 
 
 def write_report(study: optuna.Study, settings: Settings, out_dir: str | Path, trial: int | None = None,
@@ -170,18 +245,12 @@ def write_report(study: optuna.Study, settings: Settings, out_dir: str | Path, t
         geometry.metrics().to_csv(written[-2], index=False)
         plot_layer_metrics(geometry, written[-1], f"Layer metrics: {settings.model}", settings.search.layer_window)
     if residuals:
-        from .directions import collect_residuals
         from .model import load_model
         from .prompts import load_all_prompts
 
+        ResidualPlotStyle.from_settings(settings).check()
         prompts = load_all_prompts(settings)
         loaded = load_model(settings)
-        batch = settings.batch_size or 8
-        prefix = response_prefix_of(settings, study)
-        bad = collect_residuals(loaded, prompts.harmful, settings.system_prompt, batch, "harmful residuals",
-                                prefix)  # fmt: skip
-        good = collect_residuals(loaded, prompts.harmless, settings.system_prompt, batch, "harmless residuals",
-                                 prefix)  # fmt: skip
-        written.append(out / "residuals.png")
-        plot_residuals(bad, good, written[-1], f"Residuals at the last prompt token: {settings.model}")
+        written.append(write_residual_plot(settings, loaded, prompts, response_prefix_of(settings, study),
+                                           settings.batch_size or 8, out / "residuals.png"))  # fmt: skip
     return written

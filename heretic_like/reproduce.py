@@ -11,13 +11,13 @@ import sys
 from pathlib import Path
 
 from .ablation import Abliterator, Edit, EditOptions
-from .config import build_settings, merge_dicts
 from .errors import HereticError
 from .export import save_adapter, save_merged
 from .geometry import GeometryOptions, measure_geometry
 from .model import load_model, matches_fingerprint
 from .prompts import load_all_prompts
 from .provenance import package_versions, read_record, weight_hashes
+from .store import stored_settings
 
 
 def reproduce(path: str | Path, out_dir: str | Path | None = None, overrides: dict | None = None) -> bool | None:
@@ -25,7 +25,7 @@ def reproduce(path: str | Path, out_dir: str | Path | None = None, overrides: di
     False: they differ; None: the record has no hashes to compare with."""
     path = Path(path)
     record = read_record(path)
-    settings = build_settings(merge_dicts(record["config"], overrides or {}), f"{path} config")
+    settings = stored_settings(record["config"], f"{path} config", overrides)
     changed = {k: (v, record.get("packages", {}).get(k)) for k, v in package_versions().items()
                if record.get("packages", {}).get(k) != v}  # fmt: skip
     if changed:

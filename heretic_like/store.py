@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from .config import Settings, build_settings, default_data, merge_dicts
+from .config import Settings, build_settings, default_data, merge_dicts, normal_identity
 from .errors import HereticError
 from .prompts import PromptSets
 from .records import WORKER, StudyRecord, TrialRecord, worker_alive
@@ -26,7 +27,7 @@ def is_shared_storage(url_or_path: str) -> bool:
     return "://" in url_or_path
 
 
-def _storage(url_or_path: str) -> optuna.storages.BaseStorage:
+def open_storage(url_or_path: str) -> optuna.storages.BaseStorage:
     """A journal file (one worker at a time), or an RDB storage with heartbeats, so that trials of
     a worker that died are failed by the others instead of staying RUNNING for ever."""
     if is_shared_storage(url_or_path):
@@ -70,12 +71,16 @@ def _with_new_defaults(stored: dict | None) -> dict | None:
         return None
     defaults = default_data()
     filled = {key: LEGACY_VALUES.get(key, defaults.get(key)) for key in Settings.STUDY_KEYS}
-    return merge_dicts(filled, stored)
+    return normal_identity(merge_dicts(filled, stored))
+
+
+# The two values of every trial (search.objectives), as Optuna stores and the dashboard shows them.
+OBJECTIVE_NAMES = ("KL objective", "refusal objective")
 
 
 def open_study(settings: Settings) -> optuna.Study:
     """Create the study, or load it after checking it measures the same thing."""
-    storage = _storage(settings.resolved_storage())
+    storage = open_storage(settings.resolved_storage())
     name = settings.resolved_study_name()
     seed = settings.seed
     if seed is not None and is_shared_storage(settings.resolved_storage()):
@@ -90,6 +95,9 @@ def open_study(settings: Settings) -> optuna.Study:
             # creates it stamps its identity; everyone else loads it and is checked against that.
             study = optuna.create_study(study_name=name, storage=storage, sampler=sampler,
                                         directions=["minimize", "minimize"])  # fmt: skip
+            with warnings.catch_warnings():  # "experimental" since Optuna 3.2; stable in use
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names(list(OBJECTIVE_NAMES))  # what optuna-dashboard labels the axes with
             StudyRecord(study).stamp(settings)
             return study
         except optuna.exceptions.DuplicatedStudyError:
@@ -130,7 +138,7 @@ def load_existing_study(storage: str, study_name: str | None) -> optuna.Study:
     """Open a study for export/reporting: `storage` is a journal file or an Optuna URL."""
     if "://" not in storage and not Path(storage).is_file():
         raise HereticError(f"study file not found: {storage}")
-    backend = _storage(storage)
+    backend = open_storage(storage)
     names = optuna.study.get_all_study_names(backend)
     if study_name is None:
         if len(names) != 1:
@@ -141,9 +149,15 @@ def load_existing_study(storage: str, study_name: str | None) -> optuna.Study:
     return optuna.load_study(study_name=study_name, storage=backend)
 
 
+def stored_settings(config: dict, origin: str, overrides: dict | None = None) -> Settings:
+    """Settings saved by an earlier run (a study, a reproduce.json): keys added since then take
+    the values that match what it ran with (LEGACY_VALUES, else today's defaults)."""
+    data = merge_dicts(merge_dicts(default_data(), LEGACY_VALUES), config)
+    return build_settings(merge_dicts(data, overrides or {}), origin)
+
+
 def settings_of(study: optuna.Study, overrides: dict | None = None) -> Settings:
-    data = merge_dicts(StudyRecord(study).config, overrides or {})
-    return build_settings(data, f"study '{study.study_name}' config")
+    return stored_settings(StudyRecord(study).config, f"study '{study.study_name}' config", overrides)
 
 
 UNCLAIMED_S = 120  # a RUNNING trial that never said which process runs it is stale after this

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import optuna
 import pandas as pd
@@ -28,7 +29,7 @@ from .geometry import GeometryOptions, cached_geometry, compute_geometry
 from .model import LoadedModel, chat_texts, load_model, matches_fingerprint, model_fingerprint
 from .prompts import PromptSets, load_all_prompts
 from .records import FINISHED, StudyRecord, TrialRecord, response_prefix_of
-from .report import plot_layer_metrics
+from .report import plot_layer_metrics, write_residual_plot
 from .results import print_front
 from .search import best_layer_seed, hardest_first, objectives, refusal_cap, sample_edit
 from .store import check_prompt_fingerprints, fail_stale_trials, is_shared_storage, open_study, study_file
@@ -51,8 +52,8 @@ def sniff_response_prefix(settings: Settings, loaded: LoadedModel, prompts: Prom
                           batch_size: int = 8) -> str:  # fmt: skip
     """`response_prefix = "auto"`: the thinking block the unedited model opens its answers with
     (4 harmful + 4 harmless evaluation prompts, 16 tokens each), or ""."""
-    sample = prompts.harmful_eval[:4] + prompts.harmless_eval[:4]
-    texts = chat_texts(loaded.tokenizer, sample, settings.system_prompt)
+    texts = (chat_texts(loaded.tokenizer, prompts.harmful_eval[:4], prompts.system("harmful_eval"))
+             + chat_texts(loaded.tokenizer, prompts.harmless_eval[:4], prompts.system("harmless_eval")))  # fmt: skip
     responses = generate(loaded, texts, 16, batch_size)
     prefix = detect_response_prefix(responses, settings.tags, texts[0])
     if prefix:
@@ -64,7 +65,7 @@ def sniff_response_prefix(settings: Settings, loaded: LoadedModel, prompts: Prom
 
 
 def choose_study_batch_size(settings: Settings, study: optuna.Study, loaded: LoadedModel, harmful: list[str],
-                            timings: dict[str, float]) -> int:  # fmt: skip
+                            timings: dict[str, float], system_prompt: str | None) -> int:  # fmt: skip
     """`batch_size`, or with 0 the size chosen by measurement when the study began (kept in the
     study with every size's timings, so a resume neither pays for the probe again nor lands on
     another size because the machine was busier this time)."""
@@ -76,7 +77,7 @@ def choose_study_batch_size(settings: Settings, study: optuna.Study, loaded: Loa
         print(f"Batch size: {stored['size']} (measured when the study began: {stored['reason']})")
         return int(stored["size"])
     started = time.perf_counter()
-    texts = chat_texts(loaded.tokenizer, harmful, settings.system_prompt)
+    texts = chat_texts(loaded.tokenizer, harmful, system_prompt)
     measure = model_timer(loaded, texts, settings.max_response_length)
     sizes = candidate_sizes(settings.max_batch_size)
     with tqdm(total=len(sizes), desc="timing batch sizes", unit="size", leave=False) as bar:  # ~1 min on a CPU
@@ -110,7 +111,8 @@ def prepare(settings: Settings, study: optuna.Study, prompts: PromptSets, timing
         )
     if stored is None:
         record.record_model(model_fingerprint(loaded.model), loaded.num_layers)
-    batch_size = choose_study_batch_size(settings, study, loaded, prompts.harmful_eval, timings)
+    batch_size = choose_study_batch_size(settings, study, loaded, prompts.harmful_eval, timings,
+                                         prompts.system("harmful_eval"))  # fmt: skip
     if record.batch_size is None:  # directions depend (in the last bits) on the batching
         record.record_batches(batch_size, settings.directions_batch_size or batch_size)
     prefix = resolve_response_prefix(settings, study, loaded, prompts, batch_size)
@@ -119,11 +121,17 @@ def prepare(settings: Settings, study: optuna.Study, prompts: PromptSets, timing
     geometry = compute_geometry(options, loaded, prompts, record.directions_batch(), response_prefix=prefix)
     describe_geometry(settings, geometry)
     timings["directions"] = time.perf_counter() - started
+    plot = Path(settings.residual_plot_path) / f"{study.study_name}.residuals.png"
+    if settings.plot_residuals and not plot.is_file():  # once per study: it collects the residuals again
+        started = time.perf_counter()
+        written = write_residual_plot(settings, loaded, prompts, prefix, record.directions_batch(), plot)
+        print(f"Residual plot: {written}")
+        timings["residual_plot"] = time.perf_counter() - started
     started = time.perf_counter()
     detector = build_detector(settings, loaded, batch_size, prefix)
     evaluator = Evaluator(loaded, prompts.harmful_eval, prompts.harmless_eval,
-                          settings.system_prompt, detector, settings.max_response_length,
-                          batch_size, settings.stop_at_marker, prefix)  # fmt: skip
+                          (prompts.system("harmful_eval"), prompts.system("harmless_eval")), detector,
+                          settings.max_response_length, batch_size, settings.stop_at_marker, prefix)  # fmt: skip
     timings["base_logprobs"] = time.perf_counter() - started
     return loaded, geometry, evaluator
 

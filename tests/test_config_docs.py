@@ -39,7 +39,8 @@ def expected_default(key: str):
     """(has a default, value) from the one source: config.default.toml (PromptSpec: its fields)."""
     if key.startswith("prompt set."):
         field = PromptSpec.model_fields[key.split(".", 1)[1]]
-        return (not field.is_required(), None if field.is_required() else field.default)
+        present = not field.is_required() and field.default is not None  # None: "unset"
+        return (present, field.default if present else None)
     node = default_data()
     for part in key.split("."):
         if part not in node:

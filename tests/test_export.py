@@ -64,3 +64,51 @@ def test_chosen_trial_is_recounted_with_long_responses(refusing_model, tmp_path,
     assert long >= short  # greedy: a longer response extends the shorter one, so markers only add up
     (export,) = (tmp_path / "checkpoints").glob("*-trial1")
     assert f"| refusals, 40-token responses | {long}/24 |" in (export / "README.md").read_text()
+
+
+def test_model_card_opens_with_hub_metadata(tiny_llama, tmp_path):
+    """The exported README.md is a hub model card: huggingface_hub reads base_model, tags, library
+    and the base model's licence from it (here known from the base folder's card and config)."""
+    import json
+    import shutil
+
+    from huggingface_hub import ModelCard
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "_name_or_path": "example-org/tiny-llama-instruct"}))
+    (base / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny llama\n")
+    study = study_config(tmp_path, base, n_trials=1)
+    assert main(["--config", str(study), "--export-trial", "0", "--evaluate-capabilities", "false",
+                 "--verify-response-length", "0", "--export-dir", str(tmp_path / "out")]) == 0  # fmt: skip
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert card.data.base_model == "example-org/tiny-llama-instruct" and card.data.license == "apache-2.0"
+    assert {"abliterated", "heretic_like"} <= set(card.data.tags) and card.data.library_name == "transformers"
+    assert "(abliterated)" in card.text and "## Performance" in card.text
+    (journal,) = (tmp_path / "checkpoints").glob("*.journal")
+    assert main(["export", "--study", str(journal), "--trial", "0", "--out", str(tmp_path / "adapter"),
+                 "--export-strategy", "adapter"]) == 0  # fmt: skip
+    assert ModelCard.load(tmp_path / "adapter" / "README.md").data.library_name == "peft"
+
+
+def test_base_model_and_licence_from_gguf_metadata(tmp_path):
+    """A GGUF names its source repository and licence in `general.*` metadata; a local file with
+    neither gives no base_model rather than a path the hub would reject."""
+    import gguf
+
+    from heretic_like.card import base_model_facts, hub_metadata
+    from heretic_like.config import load_settings
+
+    path = tmp_path / "m.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_string("general.license", "mit")
+    writer.add_string("general.base_model.0.repo_url", "https://huggingface.co/example-org/base-7b")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert base_model_facts(load_settings(None, {"model": str(path)})) == ("example-org/base-7b", "mit")
+    assert base_model_facts(load_settings(None, {"model": "example-org/chat-1b"}))[0] == "example-org/chat-1b"
+    bare = load_settings(None, {"model": str(tmp_path / "nothing.gguf")})
+    assert base_model_facts(bare) == (None, None) and "base_model" not in hub_metadata(bare)

@@ -1,4 +1,5 @@
 import pandas as pd
+import pytest
 import torch
 
 from heretic_like.cli import main
@@ -48,3 +49,41 @@ def test_summary_block_says_what_was_chosen_measured_and_written(tmp_path):
     assert f"evaluate --compare {tmp_path / 'out'}" in full and "chat --study checkpoints/x.journal --trial 7" in full
     bare = summary_block(RunSummary(7, "r", 2, 64, 20, 0.01, None, None, None, "s.journal"))
     assert "256-token" not in bare and "capability" not in bare and "evaluate --compare" not in bare
+
+
+def test_kl_axis_is_readable_within_one_decade_and_across_several():
+    """A 12-trial study spans KL 0.018-0.06: a log axis there shows no major tick at all. Every
+    range must get at least three labelled ticks inside the data."""
+    import matplotlib.pyplot as plt
+
+    from heretic_like.report import _kl_axis
+
+    for kl, scale in (([0.018, 0.025, 0.06], "linear"), ([0.004, 0.03, 0.5], "log"), ([0.0, 0.01, 0.4], "symlog")):
+        fig, ax = plt.subplots()
+        ax.scatter(kl, range(len(kl)))
+        _kl_axis(ax, kl)
+        fig.canvas.draw()
+        lo, hi = ax.get_xlim()
+        labelled = [t for t in ax.xaxis.get_major_ticks() if lo <= t.get_loc() <= hi and t.label1.get_text()]
+        assert ax.get_xscale() == scale and len(labelled) >= 3, (kl, [t.label1.get_text() for t in labelled])
+        plt.close(fig)
+
+
+def test_residual_plot_takes_heretics_labels_colours_and_style(tmp_path):
+    from heretic_like.config import load_settings
+    from heretic_like.errors import HereticError
+    from heretic_like.report import ResidualPlotStyle
+
+    settings = load_settings(None, {"residual_plot_style": "dark_background",
+                                    "bad_prompts": {"residual_plot_label": "bad ones", "residual_plot_color": "red"}})
+    style = ResidualPlotStyle.from_settings(settings)
+    assert style.harmful == ("bad ones", "red") and style.harmless == ("harmless", "royalblue")
+    style.check()
+    harmful, harmless = torch.randn(10, 2, 8), torch.randn(10, 2, 8)
+    plot_residuals(harmful, harmless, tmp_path / "r.png", "t", style)
+    assert (tmp_path / "r.png").stat().st_size > 1000
+    with pytest.raises(HereticError, match="residual_plot_style: 'nope' is not a matplotlib style"):
+        ResidualPlotStyle.from_settings(load_settings(None, {"residual_plot_style": "nope"})).check()
+    with pytest.raises(HereticError, match="good_prompts.residual_plot_color: 'blurple'"):
+        colour = {"good_prompts": {"residual_plot_color": "blurple"}}
+        ResidualPlotStyle.from_settings(load_settings(None, colour)).check()
