@@ -37,6 +37,7 @@ from heretic_like.generation import generate_batches  # noqa: E402
 from heretic_like.model import chat_texts  # noqa: E402
 from heretic_like.records import trial_edit  # noqa: E402
 from heretic_like.results import ExportRule, choose_best, pareto_front  # noqa: E402
+from heretic_like.screening import rank_correlation  # noqa: E402
 from heretic_like.study import run_study  # noqa: E402
 from heretic_like.testbed import fetch_qwen  # noqa: E402
 
@@ -152,8 +153,10 @@ def main() -> None:
     length, system = settings.max_response_length, settings.system_prompt
 
     trials = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    scored = [t for t in trials if "refusals" in t.user_attrs and "predicted_refusals" in t.user_attrs]
     kl_seconds = sum(t.user_attrs.get("kl_seconds", 0) for t in trials)
     gen_seconds = sum(t.user_attrs.get("generation_seconds", 0) for t in trials)
+    long_seconds = sum(t.user_attrs.get("long_seconds", 0) for t in trials)  # front entries counted long
     gen_tokens = sum(t.user_attrs.get("tokens_generated", 0) for t in trials)
 
     # Held-out scoring: the unedited model, then every Pareto trial.
@@ -194,6 +197,13 @@ def main() -> None:
             "directions_per_layer", "edit_mode", "capability_prompts", "search")},
         "n_trials": len(trials),
         "n_pruned": sum(t.state.name == "PRUNED" for t in trials),
+        # multi-fidelity: trials decided without generating, and how well the proxy ranks the
+        # generated counts (Spearman, over fully scored trials)
+        "n_screened": sum(bool(t.user_attrs.get("screened")) for t in trials),
+        "proxy_rank_correlation": rank_correlation(
+            [t.user_attrs["predicted_refusals"] for t in scored], [t.user_attrs["refusals"] for t in scored]),
+        "front_long_counts": {str(t.number): t.user_attrs["refusals_long"] for t in trials
+                              if "refusals_long" in t.user_attrs},
         "batch_size": run.evaluator.batch_size,
         "max_response_length": length,
         "study_set": args.study_set,
@@ -208,9 +218,10 @@ def main() -> None:
         "overrefusal": {"prompts": len(edgy), "base": base_edgy, "best_trial": best_edgy},
         "heldout_still_refused": still_refused,
         "timings_s": {**{k: round(v, 1) for k, v in run.timings.items()},
-                      "trials_total": round(kl_seconds + gen_seconds, 1), "trials_kl": round(kl_seconds, 1),
-                      "trials_generation": round(gen_seconds, 1),
-                      "per_trial_mean": round((kl_seconds + gen_seconds) / max(len(trials), 1), 1),
+                      "trials_total": round(kl_seconds + gen_seconds + long_seconds, 1),
+                      "trials_kl": round(kl_seconds, 1), "trials_generation": round(gen_seconds, 1),
+                      "trials_front_recount": round(long_seconds, 1),
+                      "per_trial_mean": round((kl_seconds + gen_seconds + long_seconds) / max(len(trials), 1), 1),
                       "heldout_base_scoring": round(base_seconds, 1), "benchmark_total": round(total_seconds, 1)},
         # the unedited model's held-out figures were read from an earlier run's measurement
         "unedited_scores_cached": base_cached,
@@ -221,8 +232,9 @@ def main() -> None:
         "samples": [{"prompt": p, "before": b, "after": a}
                     for p, b, a in zip(heldout[:5] + edgy[:5], base_samples, best_samples, strict=True)],
         "trials": [{"trial": t.number, "state": t.state.name, **{k: t.user_attrs.get(k) for k in (
-            "refusals", "refusals_at_least", "kl_divergence", "kl_seconds", "generation_seconds", "tokens_generated",
-            "approximation_error", "row_norm_error")}}
+            "refusals", "refusals_at_least", "refusals_long", "predicted_refusals", "screened", "kl_divergence",
+            "kl_seconds", "generation_seconds", "long_seconds", "tokens_generated", "approximation_error",
+            "row_norm_error")}}
             for t in trials],
     }  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -170,6 +170,9 @@ class Settings(_Strict):
     refusal_judge_url: str | None = None
     refusal_judge_api_key_env: str | None
     prune_dominated: bool
+    screen_trials: bool
+    screening_audit_fraction: float = Field(ge=0, le=1)
+    front_response_length: int = Field(ge=0)
     # --- directions and edits ---
     orthogonalize_direction: bool
     winsorization_quantile: float = Field(gt=0, le=1)

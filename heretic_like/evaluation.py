@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .detectors import Detector
-from .generation import first_token_logprobs, generate_batches
+from .generation import first_token_logprobs, first_token_look, generate_batches
 from .model import LoadedModel, chat_texts
 
 
@@ -99,6 +99,16 @@ class Score:
     refused: list[bool] = field(default_factory=list, repr=False)  # the detector's verdict per response
 
 
+@dataclass
+class FirstLook:
+    """What one forward without generation tells about the current edit (`Evaluator.first_look`)."""
+
+    kl_divergence: float
+    harmful_logprobs: torch.Tensor  # (n_harmful, vocab), by original position
+    projections: torch.Tensor | None  # (n_harmful,) on the probe direction, by original position
+    seconds: float
+
+
 class Evaluator:
     """Holds the formatted evaluation prompts and the unedited model's reference numbers."""
 
@@ -134,15 +144,37 @@ class Evaluator:
         self.harmful = [texts[i] for i in order]
         self.harmful_prompts = [prompts[i] for i in order]
 
-    def score(self, desc: str | None = None, refusal_cap: Callable[[float], int | None] | None = None) -> Score:
+    def first_look(self, probe: tuple[int, torch.Tensor] | None = None) -> FirstLook:
+        """KL divergence and, by the harmful prompts' original positions, their first-token
+        log-probs and (with `probe` = (layer, direction)) the projection of that layer's residual
+        on the direction: one forward over both sets, one shared prefix, no generation."""
+        started = time.perf_counter()
+        layer, direction = probe if probe is not None else (None, None)
+        both, residuals = first_token_look(self.loaded, self.harmless + self.harmful, self.batch_size, layer)
+        n = len(self.harmless)
+        harmful = torch.empty_like(both[n:])
+        harmful[self.order] = both[n:]
+        projections = None
+        if residuals is not None:
+            projections = torch.empty(len(self.harmful))
+            projections[self.order] = residuals[n:] @ (direction.float().cpu() / direction.float().norm())
+        kl = kl_divergence(self.base_logprobs, both[:n])
+        return FirstLook(kl, harmful, projections, time.perf_counter() - started)
+
+    def score(self, desc: str | None = None, refusal_cap: Callable[[float], int | None] | None = None,
+              first_look: tuple[float, float] | None = None) -> Score:  # fmt: skip
         """Score whatever edit is currently applied to the model.
 
         `refusal_cap(kl)` may return a refusal count at which the trial is already dominated
         (a finished trial has no more refusals at no higher KL): generation then stops as soon as
-        the count reaches it, and is skipped entirely when it is 0.
+        the count reaches it, and is skipped entirely when it is 0. `first_look`: (KL, seconds)
+        already measured by `first_look()`, not measured again.
         """
         started = time.perf_counter()
-        kl = kl_divergence(self.base_logprobs, first_token_logprobs(self.loaded, self.harmless, self.batch_size))
+        if first_look is None:
+            kl = kl_divergence(self.base_logprobs, first_token_logprobs(self.loaded, self.harmless, self.batch_size))
+        else:
+            kl, started = first_look[0], started - first_look[1]
         mid = time.perf_counter()
         cap = refusal_cap(kl) if refusal_cap else None
         counted = refusal_count(self.loaded, self.harmful, self.harmful_prompts, self.detector,

@@ -154,8 +154,10 @@ class SharedPrefix:
 
 
 @torch.inference_mode()
-def first_token_logprobs(loaded: LoadedModel, texts: list[str], batch_size: int) -> torch.Tensor:
-    """(n, vocab) fp32 log-probabilities of the first response token.
+def first_token_look(loaded: LoadedModel, texts: list[str], batch_size: int,
+                     layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """(n, vocab) fp32 log-probabilities of the first response token, and with `layer` the
+    (n, d_model) residual that layer writes at the last prompt position (None without).
 
     The prefix all prompts share is run once and its KV cache reused for every batch; each
     batch then holds only the prompts' own tokens, sorted by length to keep padding low.
@@ -163,16 +165,35 @@ def first_token_logprobs(loaded: LoadedModel, texts: list[str], batch_size: int)
     rows = loaded.tokenizer(texts, add_special_tokens=False)["input_ids"]
     prefix = SharedPrefix(loaded, rows)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    out = torch.empty(len(rows), 0)
-    for start in range(0, len(order), batch_size):
-        index = order[start : start + batch_size]
-        logits = prefix.forward([rows[i] for i in index], use_cache=bool(prefix.length),
-                                logits_to_keep=1).logits[:, -1, :]  # fmt: skip
-        logprobs = F.log_softmax(logits.float(), dim=-1).cpu()
-        if out.shape[1] == 0:
-            out = torch.empty(len(rows), logprobs.shape[1])
-        out[index] = logprobs
-    return out
+    out, residuals, seen = torch.empty(len(rows), 0), None, []
+    handle = None
+    if layer is not None:
+        def keep(module, args, output):
+            seen.append((output[0] if isinstance(output, tuple) else output)[:, -1, :].float().cpu())
+
+        handle = loaded.model.get_submodule(loaded.layers_path)[layer].register_forward_hook(keep)
+    try:
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size]
+            logits = prefix.forward([rows[i] for i in index], use_cache=bool(prefix.length),
+                                    logits_to_keep=1).logits[:, -1, :]  # fmt: skip
+            logprobs = F.log_softmax(logits.float(), dim=-1).cpu()
+            if out.shape[1] == 0:
+                out = torch.empty(len(rows), logprobs.shape[1])
+            out[index] = logprobs
+            if handle is not None:
+                if residuals is None:
+                    residuals = torch.empty(len(rows), seen[-1].shape[1])
+                residuals[index] = seen.pop()
+    finally:
+        if handle is not None:
+            handle.remove()
+    return out, residuals
+
+
+def first_token_logprobs(loaded: LoadedModel, texts: list[str], batch_size: int) -> torch.Tensor:
+    """(n, vocab) fp32 log-probabilities of the first response token (`first_token_look`)."""
+    return first_token_look(loaded, texts, batch_size)[0]
 
 
 class StopAtMarker(StoppingCriteria):

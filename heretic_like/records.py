@@ -164,6 +164,16 @@ class StudyRecord:
         self._set("long_refusals", {**self._get("long_refusals", {}), f"{number}@{length}": count})
 
     @property
+    def base_first_look(self) -> dict[str, list] | None:
+        """The unedited model's first look per harmful prompt (original positions): `tokens`, the
+        first response token; `projections`, on the probe direction (screening.py)."""
+        return self._get("base_first_look")
+
+    @base_first_look.setter
+    def base_first_look(self, value: dict[str, list]) -> None:
+        self._set("base_first_look", value)
+
+    @property
     def capability(self) -> dict[str, dict[str, float]]:
         """Capability metrics by "base" or a trial number (as text)."""
         return dict(self._get("capability", {}))
@@ -281,11 +291,57 @@ class TrialRecord:
         self.trial.set_user_attr("marker_refusals", marker_refusals)
         self.trial.set_user_attr("marker_agreement", agreement)
 
+    # --- multi-fidelity: the first look (screening.py) and the long count on the front
+    @property
+    def opening_tokens(self) -> list[int] | None:
+        """The first response token of every harmful prompt (by original position), as the
+        proxy pass saw it: greedy decoding opens each response with exactly that token."""
+        return self._get("opening_tokens")
+
+    @property
+    def probe_projections(self) -> list[float] | None:
+        """Each harmful prompt's residual projected on the refusal direction, as the proxy pass saw it."""
+        return self._get("probe_projections")
+
+    @property
+    def predicted_refusals(self) -> float | None:
+        return self._get("predicted_refusals")
+
+    @property
+    def screened(self) -> str | None:
+        """Why the trial was decided without generating, or None if it was not."""
+        return self._get("screened")
+
+    @property
+    def refusals_long(self) -> int | None:
+        """Refusals with longer responses (`long_length` tokens), counted when the trial entered the front."""
+        return self._get("refusals_long")
+
+    @property
+    def long_length(self) -> int | None:
+        return self._get("long_length")
+
+    def record_first_look(self, opening_tokens: list[int], projections: list[float] | None,
+                          predicted: float | None) -> None:  # fmt: skip
+        self.trial.set_user_attr("opening_tokens", opening_tokens)
+        if projections is not None:
+            self.trial.set_user_attr("probe_projections", [round(v, 4) for v in projections])
+        if predicted is not None:
+            self.trial.set_user_attr("predicted_refusals", round(predicted, 3))
+
+    def record_screened(self, reason: str) -> None:
+        self.trial.set_user_attr("screened", reason)
+
+    def record_long(self, refusals: int, length: int, seconds: float) -> None:
+        self.trial.set_user_attr("refusals_long", refusals)
+        self.trial.set_user_attr("long_length", length)
+        self.trial.set_user_attr("long_seconds", round(seconds, 3))
+
 
 # Values every trial table lists, by their stored names.
-TRIAL_VALUES = ("refusals", "refusals_at_least", "kl_divergence", "kl_seconds", "generation_seconds",
-                "tokens_generated", "approximation_error", "row_norm_error", "marker_refusals", "marker_agreement",
-                "worker")  # fmt: skip
+TRIAL_VALUES = ("refusals", "refusals_at_least", "refusals_long", "kl_divergence", "predicted_refusals", "screened",
+                "kl_seconds", "generation_seconds", "long_seconds", "tokens_generated", "approximation_error",
+                "row_norm_error", "marker_refusals", "marker_agreement", "worker")  # fmt: skip
 
 
 def response_prefix_of(settings: Settings, study: optuna.Study) -> str:

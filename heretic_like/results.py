@@ -19,6 +19,8 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
     for t in StudyRecord(study).completed():
         edit = t.edit_dict
         row = {"trial": t.number, "refusals": t.refusals, "kl_divergence": t.kl_divergence}
+        if t.refusals_long is not None:  # counted again with long responses when it entered the front
+            row["refusals_long"] = t.refusals_long
         index = edit.get("direction_index")
         row["direction_index"] = "per layer" if index is None else round(index, 2)
         if edit.get("entangled_strength", 1.0) != 1.0:
@@ -27,7 +29,10 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
             for key, value in kernel.items():
                 row[f"{component}.{key}"] = round(value, 2)
         rows.append(row)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    if "refusals_long" in table:
+        table["refusals_long"] = table["refusals_long"].astype("Int64")  # absent off the front
+    return table
 
 
 def pareto_front(table: pd.DataFrame) -> pd.DataFrame:
@@ -75,6 +80,7 @@ def choose_trial(table: pd.DataFrame, rule: ExportRule) -> Choice | None:
     only trials with KL <= kl_limit; if there is none, the lowest-KL trial."""
     if table.empty:
         return None
+    table, counted = long_counted(table)
     within = table[table["kl_divergence"] <= rule.kl_limit]
     if within.empty:
         row = table.sort_values(["kl_divergence", "trial"]).iloc[0]
@@ -82,17 +88,28 @@ def choose_trial(table: pd.DataFrame, rule: ExportRule) -> Choice | None:
     fewest = within.sort_values(["refusals", "kl_divergence", "trial"]).iloc[0]
     if rule.rule == "fewest_refusals":
         return Choice(int(fewest["trial"]), f"fewest refusals among the {len(within)} trials with KL <= "
-                                            f"{rule.kl_limit} (export_rule = fewest_refusals)")  # fmt: skip
+                                            f"{rule.kl_limit} (export_rule = fewest_refusals){counted}")  # fmt: skip
     base = max(rule.base_refusals, 1)
     scored = within.assign(_score=within["refusals"] / base + within["kl_divergence"] / rule.kl_exchange)
     row = scored.sort_values(["_score", "refusals", "kl_divergence", "trial"]).iloc[0]
     reason = (f"lowest refusals/{base} + KL/{rule.kl_exchange} = {row['_score']:.3f} among the {len(within)} "
-              f"trials with KL <= {rule.kl_limit} (export_rule = balanced)")  # fmt: skip
+              f"trials with KL <= {rule.kl_limit} (export_rule = balanced){counted}")  # fmt: skip
     if int(fewest["trial"]) != int(row["trial"]):
         reason += (f"; trial {int(fewest['trial'])} has {int(row['refusals'] - fewest['refusals'])} fewer refusals "
                    f"but {fewest['kl_divergence'] / max(row['kl_divergence'], 1e-12):.1f}x the KL "
                    f"({fewest['kl_divergence']:.4f})")  # fmt: skip
     return Choice(int(row["trial"]), reason)
+
+
+def long_counted(table: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The trials a choice is made among, and a note for its reason. When every trial on the
+    front was counted again with long responses (each was when it entered the front), the choice
+    is among the front's trials by those counts: the short count of a trial misses refusals that
+    follow a compliant opening, and the rule must not reward that."""
+    front = pareto_front(table)
+    if "refusals_long" not in table or front.empty or front["refusals_long"].isna().any():
+        return table, ""
+    return front.assign(refusals=front["refusals_long"].astype(int)), "; refusals counted with long responses"
 
 
 def choose_best(table: pd.DataFrame, rule: ExportRule) -> int | None:

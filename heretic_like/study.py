@@ -31,7 +31,8 @@ from .prompts import PromptSets, load_all_prompts
 from .records import FINISHED, StudyRecord, TrialRecord, response_prefix_of
 from .report import plot_layer_metrics, write_residual_plot
 from .results import print_front
-from .search import best_layer_seed, hardest_first, objectives, refusal_cap, sample_edit
+from .screening import ScreeningOptions, calibrated_proxy, screen_reason
+from .search import best_layer_seed, enters_front, hardest_first, objectives, refusal_cap, sample_edit
 from .store import check_prompt_fingerprints, fail_stale_trials, is_shared_storage, open_study, study_file
 
 
@@ -197,6 +198,13 @@ def run_study(settings: Settings) -> StudyRun:
             print(f"Refusal detector '{evaluator.detector.name}' agrees with the markers on {agreed['agreement']:.0%} "
                   f"of the unedited model's responses (kappa {agreed['kappa']:.2f})")  # fmt: skip
         record.record_base(base_refusals, evaluator.refused_positions(base), len(evaluator.harmful))
+    screening = ScreeningOptions.from_settings(settings)
+    # the proxy's probe: what the last layer leaves along the refusal direction where it is clearest
+    probe = (loaded.num_layers - 1, geometry.directions[geometry.best_layer(settings.search.layer_window)])
+    if screening.enabled and record.base_first_look is None:  # what the proxy starts learning from
+        look = evaluator.first_look(probe)
+        record.base_first_look = {"tokens": look.harmful_logprobs.argmax(-1).tolist(),
+                                  "projections": look.projections.tolist()}  # fmt: skip
     print(f"Unedited model refuses {base_refusals}/{len(evaluator.harmful)} harmful evaluation prompts")
 
     abliterator = Abliterator(loaded, settings.search.components, geometry, EditOptions.from_settings(settings))
@@ -205,6 +213,26 @@ def run_study(settings: Settings) -> StudyRun:
     if settings.search.seed_best_layer and not study.trials:
         study.enqueue_trial(best_layer_seed(settings.search, geometry), skip_if_exists=True)
 
+    def first_look(trial: optuna.Trial, stored: TrialRecord, edit, stats) -> tuple[float, float]:
+        """KL and the proxy in one forward; a trial that cannot enter the front ends here (pruned,
+        with the proxy's numbers and the reason stored). Returns (KL, seconds) for the score."""
+        look = evaluator.first_look(probe)
+        kl, seconds = look.kl_divergence, look.seconds
+        tokens, projections = look.harmful_logprobs.argmax(-1).tolist(), look.projections.tolist()
+        predicted, margin = calibrated_proxy(trial.study, tokens, projections)
+        stored.record_first_look(tokens, projections, predicted)
+        if not screening.audited(trial.number):
+            reason = screen_reason(predicted, refusal_cap(trial.study)(kl), margin)
+            if reason is not None:
+                stored.record_score(kl, seconds, 0.0, 0, [])
+                stored.record_edit(edit, (stats.approximation_error, stats.row_norm_error)
+                                   if settings.row_normalization == "full" else None)  # fmt: skip
+                stored.record_screened(reason)
+                tqdm.write(f"trial {trial.number}: KL {kl:.4f}, screened out without generating: {reason} "
+                           f"({seconds:.1f} s)")  # fmt: skip
+                raise optuna.TrialPruned()
+        return kl, seconds
+
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         stored = TrialRecord(trial)
         stored.record_worker()
@@ -212,7 +240,9 @@ def run_study(settings: Settings) -> StudyRun:
         stats = abliterator.apply(edit)
         full = settings.row_normalization == "full"
         evaluator.prioritize(hardest_first(trial.study))
-        score = evaluator.score(f"trial {trial.number}", refusal_cap(trial.study) if settings.prune_dominated else None)
+        look = first_look(trial, stored, edit, stats) if screening.enabled else None
+        score = evaluator.score(f"trial {trial.number}", refusal_cap(trial.study) if settings.prune_dominated else None,
+                                look)  # fmt: skip
         stored.record_score(score.kl_divergence, score.kl_seconds, score.generation_seconds, score.tokens_generated,
                             evaluator.refused_positions(score))  # fmt: skip
         stored.record_edit(edit, (stats.approximation_error, stats.row_norm_error) if full else None)
@@ -232,6 +262,14 @@ def run_study(settings: Settings) -> StudyRun:
         tqdm.write(f"trial {trial.number}: refusals {score.refusals}/{len(evaluator.harmful)}, "
                    f"KL {score.kl_divergence:.4f} ({score.kl_seconds:.1f} s KL, "
                    f"{score.generation_seconds:.1f} s generation)")  # fmt: skip
+        long = settings.front_response_length
+        if long > settings.max_response_length and enters_front(trial.study, score.refusals, score.kl_divergence):
+            # on the front, the count is redone with long responses before anyone reads it there
+            started = time.perf_counter()
+            count, _ = evaluator.count_refusals(long, f"trial {trial.number}, {long}-token responses")
+            stored.record_long(count, long, time.perf_counter() - started)
+            tqdm.write(f"trial {trial.number}: enters the Pareto front; {count}/{len(evaluator.harmful)} refusals "
+                       f"with {long}-token responses")  # fmt: skip
         return objectives(score.refusals, score.kl_divergence, base_refusals, settings.kl_divergence_scale,
                           settings.kl_divergence_target)  # fmt: skip
 

@@ -199,7 +199,7 @@ def study_config(tmp_path: Path, model_dir: Path, search: str = "", **extra) -> 
     keys = {"model": f'"{model_dir}"', "dtypes": '["float32"]',
             "study_checkpoint_dir": f'"{tmp_path / "checkpoints"}"', "cache_dir": f'"{tmp_path / "cache"}"',
             "batch_size": 32, "max_response_length": 12, "n_trials": 3, "n_startup_trials": 2, "seed": 1,
-            "export_trial": '"none"', **plain, **extra}  # fmt: skip
+            "export_trial": '"none"', "front_response_length": 24, **plain, **extra}  # fmt: skip
     lines = [f"{k} = {v}" for k, v in keys.items()]
     for name, dataset, split in [("good_prompts", "builtin:harmless", "train[:150]"),
                                  ("bad_prompts", "builtin:harmful", "train[:150]"),
