@@ -109,6 +109,7 @@ def screened_study(refusing_model, tmp_path_factory):
     """A study long enough for screening to calibrate and act on the trained refusing model."""
     tmp = tmp_path_factory.mktemp("screening")
     config = study_config(tmp, refusing_model, n_trials=22, n_startup_trials=4, screening_audit_fraction=0.0,
+                          screen_trials="true",
                           search="max_weight = { low = 0.0, high = 3.0 }\n"
                           "max_weight_position = { low = 0.0, high = 1.0 }\n"
                           "direction_index = { low = 0.0, high = 0.5 }\n"
@@ -151,6 +152,6 @@ def test_a_study_with_screened_trials_resumes(screened_study, capsys):
 
 
 def test_screening_settings_load():
-    settings = load_settings(None)
+    settings = load_settings(None, {"screen_trials": True, "front_response_length": 128})
     assert settings.screen_trials and settings.front_response_length == 128
     assert ScreeningOptions.from_settings(settings).startup == settings.n_startup_trials
