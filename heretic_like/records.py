@@ -332,6 +332,14 @@ class TrialRecord:
     def record_screened(self, reason: str) -> None:
         self.trial.set_user_attr("screened", reason)
 
+    @property
+    def pruned_reason(self) -> str | None:
+        """Why generation stopped early (dominated), for whoever reads the trial (the dashboard)."""
+        return self._get("pruned_reason")
+
+    def record_pruned(self, reason: str) -> None:
+        self.trial.set_user_attr("pruned_reason", reason)
+
     def record_long(self, refusals: int, length: int, seconds: float) -> None:
         self.trial.set_user_attr("refusals_long", refusals)
         self.trial.set_user_attr("long_length", length)
@@ -340,6 +348,7 @@ class TrialRecord:
 
 # Values every trial table lists, by their stored names.
 TRIAL_VALUES = ("refusals", "refusals_at_least", "refusals_long", "kl_divergence", "predicted_refusals", "screened",
+                "pruned_reason",
                 "kl_seconds", "generation_seconds", "long_seconds", "tokens_generated", "approximation_error",
                 "row_norm_error", "marker_refusals", "marker_agreement", "worker")  # fmt: skip
 

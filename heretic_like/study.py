@@ -248,6 +248,8 @@ def run_study(settings: Settings) -> StudyRun:
         stored.record_edit(edit, (stats.approximation_error, stats.row_norm_error) if full else None)
         stored.record_refusals(score.refusals, score.pruned)
         if score.pruned:
+            stored.record_pruned(f"dominated: {score.refusals} refusals, as many as a finished trial with no higher "
+                                 f"KL has")  # fmt: skip
             seconds = score.kl_seconds + score.generation_seconds
             tqdm.write(f"trial {trial.number}: KL {score.kl_divergence:.4f}, pruned after {score.refusals} refusals "
                        f"(dominated by a finished trial; {seconds:.1f} s)")  # fmt: skip

@@ -194,6 +194,7 @@ def test_dominated_trials_are_pruned_and_counted(refusing_model, tmp_path):
         kl, at_least = trial.user_attrs["kl_divergence"], trial.user_attrs["refusals_at_least"]
         earlier = [t for t in complete if t.number < trial.number and t.user_attrs["kl_divergence"] <= kl]
         assert earlier and min(t.user_attrs["refusals"] for t in earlier) <= at_least  # truly dominated
+        assert trial.user_attrs["pruned_reason"].startswith(f"dominated: {at_least} refusals")  # the dashboard shows it
 
 
 def test_resume_against_changed_weights_at_the_same_path_is_refused(tmp_path, capsys):
