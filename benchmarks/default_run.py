@@ -36,6 +36,7 @@ from heretic_like.detectors import MarkerDetector  # noqa: E402
 from heretic_like.evaluation import refusal_count  # noqa: E402
 from heretic_like.model import chat_texts, load_model  # noqa: E402
 from heretic_like.records import StudyRecord  # noqa: E402
+from heretic_like.screening import rank_correlation  # noqa: E402
 from heretic_like.store import load_existing_study, settings_of  # noqa: E402
 from heretic_like.testbed import fetch_qwen  # noqa: E402
 
@@ -104,6 +105,10 @@ def main() -> None:
                       "seconds": {"heldout": round(held_s, 1), "heldout_long": round(long_s, 1)}}  # fmt: skip
     timings = record.run_timings
     trials = record.trials()
+    scored = [t for t in trials if "predicted_refusals" in t.user_attrs and not t.user_attrs.get("screened")
+              and "refusals" in t.user_attrs]
+    seconds = {k: round(sum(t.user_attrs.get(k, 0.0) for t in trials), 1)
+               for k in ("kl_seconds", "generation_seconds", "long_seconds")}
     summary = {
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, python "
                    f"{platform.python_version()}, torch {torch.__version__}",
@@ -111,6 +116,13 @@ def main() -> None:
         "study": study.study_name,
         "n_trials": len(trials),
         "n_pruned": sum(t.state.name == "PRUNED" for t in trials),
+        # multi-fidelity: trials decided without generating, how well the proxy ranks the generated
+        # counts (Spearman, over generated trials), and the long recounts of trials entering the front
+        "n_screened": sum(bool(t.user_attrs.get("screened")) for t in trials),
+        "proxy_rank_correlation": rank_correlation(
+            [t.user_attrs["predicted_refusals"] for t in scored], [t.user_attrs["refusals"] for t in scored]),
+        "front_long_counts": {str(t.number): t.user_attrs["refusals_long"] for t in trials
+                              if "refusals_long" in t.user_attrs},
         "batch_size": batch_size,
         "batch_size_choice": record.batch_size_choice,
         "max_response_length": length,
@@ -136,6 +148,8 @@ def main() -> None:
         "heldout_still_refused_long": rows["best_trial"]["still_refused_long"],
         "timings_s": {**timings, "study_total": study_total,
                       "per_trial_mean": round(timings.get("trials", 0) / max(len(trials), 1), 1),
+                      "trials_kl": seconds["kl_seconds"], "trials_generation": seconds["generation_seconds"],
+                      "trials_front_recount": seconds["long_seconds"],
                       "heldout_scoring": {k: v["seconds"] for k, v in rows.items()},
                       "benchmark_total": round(time.perf_counter() - started, 1)},  # fmt: skip
         "peak_rss_gib_command": peak_rss,
@@ -156,7 +170,8 @@ def main() -> None:
           f"{best['heldout_refusals_long']} |",
           f"| over-refusal, 80 benign-edgy | {rows['base']['overrefusal']} | {rows['best_trial']['overrefusal']} |",
           f"| KL divergence | 0 | {best['kl_divergence']:.4f} |", "",
-          f"Trial {trial} of {len(trials)} ({summary['n_pruned']} pruned), batch size {batch_size}.", "",
+          f"Trial {trial} of {len(trials)} ({summary['n_pruned']} pruned, {summary['n_screened']} screened), "
+          f"batch size {batch_size}; proxy rank correlation {summary['proxy_rank_correlation']}.", "",
           "Time (s): " + ", ".join(f"{k} {v}" for k, v in summary["timings_s"].items() if not isinstance(v, dict)),
           ""]  # fmt: skip
     (out / "summary.md").write_text("\n".join(md))
