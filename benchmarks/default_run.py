@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from qwen_benchmark import harmbench_prompts, overrefusal_prompts  # noqa: E402
+from qwen_benchmark import front_long_counts, harmbench_prompts, overrefusal_prompts  # noqa: E402
 
 from heretic_like.detectors import MarkerDetector  # noqa: E402
 from heretic_like.evaluation import refusal_count  # noqa: E402
@@ -107,8 +107,7 @@ def main() -> None:
     trials = record.trials()
     scored = [t for t in trials if "predicted_refusals" in t.user_attrs and not t.user_attrs.get("screened")
               and "refusals" in t.user_attrs]
-    seconds = {k: round(sum(t.user_attrs.get(k, 0.0) for t in trials), 1)
-               for k in ("kl_seconds", "generation_seconds", "long_seconds")}
+    seconds = {k: round(sum(t.user_attrs.get(k, 0.0) for t in trials), 1) for k in ("kl_seconds", "generation_seconds")}
     summary = {
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, python "
                    f"{platform.python_version()}, torch {torch.__version__}",
@@ -121,8 +120,7 @@ def main() -> None:
         "n_screened": sum(bool(t.user_attrs.get("screened")) for t in trials),
         "proxy_rank_correlation": rank_correlation(
             [t.user_attrs["predicted_refusals"] for t in scored], [t.user_attrs["refusals"] for t in scored]),
-        "front_long_counts": {str(t.number): t.user_attrs["refusals_long"] for t in trials
-                              if "refusals_long" in t.user_attrs},
+        "front_long_counts": front_long_counts(study),
         "batch_size": batch_size,
         "batch_size_choice": record.batch_size_choice,
         "max_response_length": length,
@@ -149,7 +147,6 @@ def main() -> None:
         "timings_s": {**timings, "study_total": study_total,
                       "per_trial_mean": round(timings.get("trials", 0) / max(len(trials), 1), 1),
                       "trials_kl": seconds["kl_seconds"], "trials_generation": seconds["generation_seconds"],
-                      "trials_front_recount": seconds["long_seconds"],
                       "heldout_scoring": {k: v["seconds"] for k, v in rows.items()},
                       "benchmark_total": round(time.perf_counter() - started, 1)},  # fmt: skip
         "peak_rss_gib_command": peak_rss,

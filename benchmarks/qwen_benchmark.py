@@ -26,6 +26,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +37,7 @@ from heretic_like.config import load_settings  # noqa: E402
 from heretic_like.generation import generate_batches  # noqa: E402
 from heretic_like.model import chat_texts  # noqa: E402
 from heretic_like.records import trial_edit  # noqa: E402
-from heretic_like.results import ExportRule, choose_best, pareto_front  # noqa: E402
+from heretic_like.results import ExportRule, choose_best, pareto_front, trials_table  # noqa: E402
 from heretic_like.screening import rank_correlation  # noqa: E402
 from heretic_like.study import run_study  # noqa: E402
 from heretic_like.testbed import fetch_qwen  # noqa: E402
@@ -156,7 +157,7 @@ def main() -> None:
     scored = [t for t in trials if "refusals" in t.user_attrs and "predicted_refusals" in t.user_attrs]
     kl_seconds = sum(t.user_attrs.get("kl_seconds", 0) for t in trials)
     gen_seconds = sum(t.user_attrs.get("generation_seconds", 0) for t in trials)
-    long_seconds = sum(t.user_attrs.get("long_seconds", 0) for t in trials)  # front entries counted long
+    long_seconds = run.timings.get("front_recount", 0.0)  # the final front counted with long responses
     gen_tokens = sum(t.user_attrs.get("tokens_generated", 0) for t in trials)
 
     # Held-out scoring: the unedited model, then every Pareto trial.
@@ -202,8 +203,7 @@ def main() -> None:
         "n_screened": sum(bool(t.user_attrs.get("screened")) for t in trials),
         "proxy_rank_correlation": rank_correlation(
             [t.user_attrs["predicted_refusals"] for t in scored], [t.user_attrs["refusals"] for t in scored]),
-        "front_long_counts": {str(t.number): t.user_attrs["refusals_long"] for t in trials
-                              if "refusals_long" in t.user_attrs},
+        "front_long_counts": front_long_counts(study),
         "batch_size": run.evaluator.batch_size,
         "max_response_length": length,
         "study_set": args.study_set,
@@ -240,6 +240,14 @@ def main() -> None:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "summary.md").write_text(markdown(summary))
     print(markdown(summary))
+
+
+def front_long_counts(study) -> dict[str, int]:
+    """The final front's trials' refusals counted with long responses (`front_response_length`)."""
+    table = trials_table(study)
+    if "refusals_long" not in table:
+        return {}
+    return {str(int(r.trial)): int(r.refusals_long) for r in table.itertuples() if not pd.isna(r.refusals_long)}
 
 
 def markdown(s: dict) -> str:

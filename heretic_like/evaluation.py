@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .detectors import Detector
-from .generation import first_token_logprobs, first_token_look, generate_batches
+from .generation import Prefilled, first_token_logprobs, first_token_look, generate_batches
 from .model import LoadedModel, chat_texts
 
 
@@ -57,20 +57,21 @@ class Counted:
 
 def refusal_count(loaded: LoadedModel, texts: list[str], prompts: list[str], detector: Detector, max_new_tokens: int,
                   batch_size: int, desc: str | None = None, stop_rows: bool = True,
-                  cap: int | None = None) -> Counted:  # fmt: skip
+                  cap: int | None = None, prefilled: Prefilled | None = None) -> Counted:  # fmt: skip
     """The one refusal-counting loop: greedy responses to chat-formatted `texts` under the current
     edit, judged by `detector` against the plain requests `prompts`.
 
     With a streaming detector (markers) rows stop at their first marker when `stop_rows`, so long
     responses only cost those that comply. With `cap`, generation stops once that many refusals
-    are counted (the trial is dominated: `pruned`), and does not start when it is 0."""
+    are counted (the trial is dominated: `pruned`), and does not start when it is 0. `prefilled`:
+    the texts' KV caches under the current edit, from its first look (`generation.Prefilled`)."""
     responses: list[str] = []
     refused: list[bool] = []
     tokens = 0
     if cap != 0:
         budget = (lambda: cap - sum(refused)) if cap is not None else None
         for batch, count in generate_batches(loaded, texts, max_new_tokens, batch_size, desc, detector, stop_rows,
-                                             budget, prompts):  # fmt: skip
+                                             budget, prompts, prefilled):  # fmt: skip
             refused += detector.classify(prompts[len(responses) : len(responses) + len(batch)], batch)
             responses += batch
             tokens += count
@@ -107,6 +108,9 @@ class FirstLook:
     harmful_logprobs: torch.Tensor  # (n_harmful, vocab), by original position
     projections: torch.Tensor | None  # (n_harmful,) on the probe direction, by original position
     seconds: float
+    # the harmful prompts' KV caches under the edit looked at: generating for that same edit starts
+    # from them instead of prefilling again (`score(first_look=...)`)
+    prefilled: Prefilled = field(default_factory=dict, repr=False)
 
 
 class Evaluator:
@@ -150,8 +154,9 @@ class Evaluator:
         on the direction: one forward over both sets, one shared prefix, no generation."""
         started = time.perf_counter()
         layer, direction = probe if probe is not None else (None, None)
-        both, residuals = first_token_look(self.loaded, self.harmless + self.harmful, self.batch_size, layer)
         n = len(self.harmless)
+        both, residuals, prefilled = first_token_look(self.loaded, self.harmless + self.harmful, self.batch_size,
+                                                      layer, keep=range(n, n + len(self.harmful)))  # fmt: skip
         harmful = torch.empty_like(both[n:])
         harmful[self.order] = both[n:]
         projections = None
@@ -159,26 +164,28 @@ class Evaluator:
             projections = torch.empty(len(self.harmful))
             projections[self.order] = residuals[n:] @ (direction.float().cpu() / direction.float().norm())
         kl = kl_divergence(self.base_logprobs, both[:n])
-        return FirstLook(kl, harmful, projections, time.perf_counter() - started)
+        return FirstLook(kl, harmful, projections, time.perf_counter() - started, prefilled)
 
     def score(self, desc: str | None = None, refusal_cap: Callable[[float], int | None] | None = None,
-              first_look: tuple[float, float] | None = None) -> Score:  # fmt: skip
+              first_look: FirstLook | None = None) -> Score:  # fmt: skip
         """Score whatever edit is currently applied to the model.
 
         `refusal_cap(kl)` may return a refusal count at which the trial is already dominated
         (a finished trial has no more refusals at no higher KL): generation then stops as soon as
-        the count reaches it, and is skipped entirely when it is 0. `first_look`: (KL, seconds)
-        already measured by `first_look()`, not measured again.
+        the count reaches it, and is skipped entirely when it is 0. `first_look`: what
+        `first_look()` measured for this same edit: its KL is not measured again, and its KV
+        caches spare the generation's prefill.
         """
         started = time.perf_counter()
         if first_look is None:
             kl = kl_divergence(self.base_logprobs, first_token_logprobs(self.loaded, self.harmless, self.batch_size))
         else:
-            kl, started = first_look[0], started - first_look[1]
+            kl, started = first_look.kl_divergence, started - first_look.seconds
         mid = time.perf_counter()
         cap = refusal_cap(kl) if refusal_cap else None
         counted = refusal_count(self.loaded, self.harmful, self.harmful_prompts, self.detector,
-                                self.max_response_length, self.batch_size, desc, self.stop_at_marker, cap)  # fmt: skip
+                                self.max_response_length, self.batch_size, desc, self.stop_at_marker, cap,
+                                first_look.prefilled if first_look is not None else None)  # fmt: skip
         return Score(counted.refusals, kl, counted.responses, mid - started, time.perf_counter() - mid, counted.pruned,
                      counted.tokens, counted.refused)  # fmt: skip
 

@@ -60,6 +60,11 @@ def _plain_cache(config) -> bool:
 
 PREFILL_ROWS = 8  # rows per length-sorted prefill chunk: little padding, still large matmuls
 
+# Prompts' KV caches already computed under the current edit (by the first look), by token row:
+# per layer, the (heads, len(row) - 1, head_dim) keys and values of every position but the last,
+# which is what a generation batch's prefill computes. Valid for one edit only.
+Prefilled = dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]]
+
 
 class SharedPrefix:
     """The tokens every prompt starts with (chat template, system prompt), run through the model
@@ -69,8 +74,9 @@ class SharedPrefix:
     (taken from the attention mask) are those of the unpadded prompt."""
 
     @torch.no_grad()
-    def __init__(self, loaded: LoadedModel, rows: list[list[int]]):
+    def __init__(self, loaded: LoadedModel, rows: list[list[int]], prefilled: Prefilled | None = None):
         self.loaded = loaded
+        self.prefilled = prefilled or {}
         self.length = shared_prefix_length(rows)
         self.ids = rows[0][: self.length] if self.length else []
         self.cache = None
@@ -114,7 +120,9 @@ class SharedPrefix:
         cache, and their keys and values are copied into place (keys carry their rotary position
         already, and positions do not depend on the padding). Returns None where the model's cache
         is not a plain per-layer key/value cache (sliding-window, linear-attention layers):
-        `generate` then prefills the padded batch itself from the prefix's cache."""
+        `generate` then prefills the padded batch itself from the prefix's cache.
+
+        Rows in `prefilled` (the first look ran them under the same edit) are copied, not run."""
         if not self.packable:
             return None
         n, length = len(rows), self.length
@@ -122,25 +130,40 @@ class SharedPrefix:
         width = max(own)
         keys: list[torch.Tensor] = []
         values: list[torch.Tensor] = []
-        order = sorted((i for i in range(n) if own[i]), key=lambda i: own[i])
+
+        def place(i: int, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+            """Row i's own keys and values (the last own[i] positions of `layers`) into the batch."""
+            if not keys:  # allocate, and put the prefix (the same for every row) in place once
+                for (key, value), prefix in zip(layers, self._prefix_layers(len(layers)), strict=True):
+                    for store, states, head in ((keys, key, prefix[0]), (values, value, prefix[1])):
+                        store.append(states.new_zeros((n, states.shape[-3], length + width, states.shape[-1])))
+                        if length:
+                            store[-1][:, :, :length] = head[0]
+            for (key, value), k, v in zip(layers, keys, values, strict=True):
+                k[i, :, length + width - own[i] :] = key[..., -own[i] :, :]
+                v[i, :, length + width - own[i] :] = value[..., -own[i] :, :]
+
+        known = {i for i in range(n) if own[i] and tuple(rows[i]) in self.prefilled}
+        for i in sorted(known):
+            place(i, self.prefilled[tuple(rows[i])])
+        order = sorted((i for i in range(n) if own[i] and i not in known), key=lambda i: own[i])
         for start in range(0, len(order), chunk_rows):
             index = order[start : start + chunk_rows]
             cache = self.forward([rows[i][:-1] for i in index], use_cache=True, logits_to_keep=1).past_key_values
             if not _plain_layers(cache):
                 self.packable = False
                 return None
-            if not keys:  # allocate, and put the prefix (the same for every row) in place once
-                for layer in cache.layers:
-                    for store, states in ((keys, layer.keys), (values, layer.values)):
-                        store.append(states.new_zeros((n, states.shape[1], length + width, states.shape[3])))
-                        store[-1][:, :, :length] = states[:1, :, :length]
-            for layer, k, v in zip(cache.layers, keys, values, strict=True):
-                for j, i in enumerate(index):
-                    k[i, :, length + width - own[i] :] = layer.keys[j, :, -own[i] :]
-                    v[i, :, length + width - own[i] :] = layer.values[j, :, -own[i] :]
+            for j, i in enumerate(index):
+                place(i, [(layer.keys[j], layer.values[j]) for layer in cache.layers])
         if not keys:  # no row has tokens of its own before its last one
             return self.batch_cache(n) if length else None
         return DynamicCache(ddp_cache_data=list(zip(keys, values, strict=True)))
+
+    def _prefix_layers(self, count: int) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """Per layer, the prefix's (1, heads, length, head_dim) keys and values (None without one)."""
+        if not self.length:
+            return [(None, None)] * count
+        return [(layer.keys, layer.values) for layer in self.cache.layers]
 
     def batch(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask) of whole prompts, the prefix first and then each row's own
@@ -154,30 +177,36 @@ class SharedPrefix:
 
 
 @torch.inference_mode()
-def first_token_look(loaded: LoadedModel, texts: list[str], batch_size: int,
-                     layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
-    """(n, vocab) fp32 log-probabilities of the first response token, and with `layer` the
-    (n, d_model) residual that layer writes at the last prompt position (None without).
+def first_token_look(loaded: LoadedModel, texts: list[str], batch_size: int, layer: int | None = None,
+                     keep: range | None = None) -> tuple[torch.Tensor, torch.Tensor | None, Prefilled]:  # fmt: skip
+    """(n, vocab) fp32 log-probabilities of the first response token; with `layer` the (n, d_model)
+    residual that layer writes at the last prompt position (None without); and for the texts in
+    `keep`, their KV caches (`Prefilled`), so generating from them under the same edit skips
+    their prefill.
 
     The prefix all prompts share is run once and its KV cache reused for every batch; each
-    batch then holds only the prompts' own tokens, sorted by length to keep padding low.
+    batch then holds only the prompts' own tokens, in length-sorted chunks of at most
+    PREFILL_ROWS rows, so next to no padding positions are computed.
     """
     rows = loaded.tokenizer(texts, add_special_tokens=False)["input_ids"]
     prefix = SharedPrefix(loaded, rows)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    out, residuals, seen = torch.empty(len(rows), 0), None, []
+    out, residuals, seen, prefilled = torch.empty(len(rows), 0), None, [], {}
+    keep = keep if keep is not None and prefix.packable else range(0)
     handle = None
     if layer is not None:
-        def keep(module, args, output):
+        def hold(module, args, output):
             seen.append((output[0] if isinstance(output, tuple) else output)[:, -1, :].float().cpu())
 
-        handle = loaded.model.get_submodule(loaded.layers_path)[layer].register_forward_hook(keep)
+        handle = loaded.model.get_submodule(loaded.layers_path)[layer].register_forward_hook(hold)
+    chunk = max(1, min(batch_size, PREFILL_ROWS))
     try:
-        for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
-            logits = prefix.forward([rows[i] for i in index], use_cache=bool(prefix.length),
-                                    logits_to_keep=1).logits[:, -1, :]  # fmt: skip
-            logprobs = F.log_softmax(logits.float(), dim=-1).cpu()
+        for start in range(0, len(order), chunk):
+            index = order[start : start + chunk]
+            wanted = any(i in keep for i in index)
+            output = prefix.forward([rows[i] for i in index], use_cache=bool(prefix.length) or wanted,
+                                    logits_to_keep=1)  # fmt: skip
+            logprobs = F.log_softmax(output.logits[:, -1, :].float(), dim=-1).cpu()
             if out.shape[1] == 0:
                 out = torch.empty(len(rows), logprobs.shape[1])
             out[index] = logprobs
@@ -185,10 +214,30 @@ def first_token_look(loaded: LoadedModel, texts: list[str], batch_size: int,
                 if residuals is None:
                     residuals = torch.empty(len(rows), seen[-1].shape[1])
                 residuals[index] = seen.pop()
+            if wanted and _plain_layers(output.past_key_values):
+                prefilled.update(_row_caches(output.past_key_values, [rows[i] for i in index], prefix.length,
+                                             [i in keep for i in index]))  # fmt: skip
     finally:
         if handle is not None:
             handle.remove()
-    return out, residuals
+    return out, residuals, prefilled
+
+
+def _row_caches(cache, rows: list[list[int]], length: int, wanted: list[bool]) -> Prefilled:
+    """Each wanted row's keys and values at every position but its last, out of a batch laid out
+    as prefix | padding | own tokens (`SharedPrefix.forward`)."""
+    width = cache.layers[0].keys.shape[2]
+    caches: Prefilled = {}
+    for j, row in enumerate(rows):
+        if not wanted[j]:
+            continue
+        own = len(row) - length  # its own tokens, the last included
+        caches[tuple(row)] = [
+            tuple(torch.cat([states[j, :, :length], states[j, :, width - own : width - 1]], dim=1)
+                  for states in (layer.keys, layer.values))
+            for layer in cache.layers
+        ]  # fmt: skip
+    return caches
 
 
 def first_token_logprobs(loaded: LoadedModel, texts: list[str], batch_size: int) -> torch.Tensor:
@@ -225,17 +274,18 @@ class StopAtMarker(StoppingCriteria):
 def generate_batches(
     loaded: LoadedModel, texts: list[str], max_new_tokens: int, batch_size: int, desc: str | None = None,
     detector=None, stop_rows: bool = False, budget: Callable[[], int | None] | None = None,
-    prompts: list[str] | None = None,
+    prompts: list[str] | None = None, prefilled: Prefilled | None = None,
 ) -> Iterator[tuple[list[str], int]]:  # fmt: skip
     """Greedy responses (special tokens stripped) and the number of tokens generated, one batch at
     a time so callers can stop early. With a streaming `detector` (markers), rows may stop at their
     first marker (`stop_rows`) and a batch stops once `budget()` of its rows have refused; `prompts`
-    (the plain requests behind `texts`) let it ignore markers echoed from the request.
+    (the plain requests behind `texts`) let it ignore markers echoed from the request;
+    `prefilled`: KV caches the first look computed under the current edit (`first_token_look`).
 
     The prompts' shared prefix is computed once per call (`SharedPrefix`), not once per batch."""
     tokenizer = loaded.tokenizer
     rows = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    prefix = SharedPrefix(loaded, rows)
+    prefix = SharedPrefix(loaded, rows, prefilled)
     starts = range(0, len(texts), batch_size)
     for start in tqdm(starts, desc=desc, unit="batch", leave=False, disable=desc is None):
         chunk = rows[start : start + batch_size]

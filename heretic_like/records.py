@@ -163,6 +163,17 @@ class StudyRecord:
     def set_long_refusals(self, number: int, length: int, count: int) -> None:
         self._set("long_refusals", {**self._get("long_refusals", {}), f"{number}@{length}": count})
 
+    def front_recount(self, number: int, length: int | None = None) -> int | None:
+        """Trial `number`'s refusals counted again with long responses once it was on the final
+        Pareto front (`study.recount_front`); `length`: the length asked for (default: the one
+        the study recounts its front with)."""
+        length = length if length is not None else self._get("front_response_length")
+        return None if length is None else self.long_refusals(number, length)
+
+    def set_front_recount(self, number: int, length: int, count: int) -> None:
+        self._set("front_response_length", length)
+        self.set_long_refusals(number, length, count)
+
     @property
     def base_first_look(self) -> dict[str, list] | None:
         """The unedited model's first look per harmful prompt (original positions): `tokens`, the

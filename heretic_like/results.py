@@ -16,11 +16,14 @@ from .records import StudyRecord
 
 def trials_table(study: optuna.Study) -> pd.DataFrame:
     rows = []
-    for t in StudyRecord(study).completed():
+    record = StudyRecord(study)
+    for t in record.completed():
         edit = t.edit_dict
         row = {"trial": t.number, "refusals": t.refusals, "kl_divergence": t.kl_divergence}
-        if t.refusals_long is not None:  # counted again with long responses when it entered the front
-            row["refusals_long"] = t.refusals_long
+        # counted again with long responses on the final front (studies before that: on entering it)
+        long = t.refusals_long if t.refusals_long is not None else record.front_recount(t.number)
+        if long is not None:
+            row["refusals_long"] = long
         index = edit.get("direction_index")
         row["direction_index"] = "per layer" if index is None else round(index, 2)
         if edit.get("entangled_strength", 1.0) != 1.0:

@@ -75,22 +75,6 @@ class OpeningRates:
             seen, refused = seen - 1, refused - bool(leave_out)
         return refused / seen if seen > 0 else 0.0
 
-    def rates(self, vocab: int) -> torch.Tensor:
-        out = torch.zeros(vocab)
-        for token in self.seen:
-            if token < vocab:
-                out[token] = self.rate(token)
-        return out
-
-
-def refusal_probabilities(logprobs: torch.Tensor, rates: torch.Tensor) -> torch.Tensor:
-    """(n_prompts,) expected refusal of each prompt by its opening: sum over t of p(t) x rate(t)."""
-    return logprobs.exp() @ rates
-
-
-def predicted_refusals(logprobs: torch.Tensor, rates: torch.Tensor) -> float:
-    return float(refusal_probabilities(logprobs, rates).sum())
-
 
 @dataclass
 class Observed:
@@ -168,6 +152,45 @@ def screen_reason(predicted: float, cap: int | None, margin: float | None) -> st
         return None
     return (f"predicted {predicted:.1f} refusals; even {margin:.1f} fewer would be dominated "
             f"(a finished trial has {cap} at no higher KL)")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Shadowed:
+    """One generated trial of a study run with every trial audited (`screening_audit_fraction =
+    1`): its KL, what the proxy predicted before it was generated, and what was counted
+    (`refusals` when it finished, else the `refusals_at_least` it was stopped at)."""
+
+    number: int
+    kl: float
+    predicted: float
+    refusals: int | None
+    refusals_at_least: int | None = None
+
+
+def replay_screening(trials: list[Shadowed], startup: int) -> dict[int, str]:
+    """The trials (by number, with the reason) the screening rule would have decided without
+    generating, had none after the `startup` ones been audited. Replayed in the given order with
+    what the rule would have known: a screened trial adds nothing to later caps or margins.
+
+    Measures, on a study whose every trial was generated, what screening would have cost: which
+    trials of the true front it would have excluded (the proxies stored were fitted on every
+    trial before, screened or not, so the replay is slightly optimistic about the proxy)."""
+    finished: list[tuple[float, int]] = []  # (KL, refusals) of trials that would have finished
+    errors: list[float] = []
+    screened: dict[int, str] = {}
+    for i, trial in enumerate(trials):
+        if i >= startup:
+            caps = [r for kl, r in finished if kl <= trial.kl]
+            reason = screen_reason(trial.predicted, min(caps) if caps else None, screening_margin(errors))
+            if reason is not None:
+                screened[trial.number] = reason
+                continue
+        if trial.refusals is not None:
+            finished.append((trial.kl, trial.refusals))
+            errors.append(trial.predicted - trial.refusals)
+        elif trial.refusals_at_least is not None:
+            errors.append(trial.predicted - trial.refusals_at_least)
+    return screened
 
 
 def rank_correlation(predicted: list[float], counted: list[float]) -> float | None:

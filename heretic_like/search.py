@@ -86,16 +86,6 @@ def objectives(refusals: int, kl: float, base_refusals: int, scale: float, targe
     return kl_score, refusal_score
 
 
-def enters_front(study: optuna.Study, refusals: int, kl: float) -> bool:
-    """Would a trial with these counts be on the Pareto front of the completed trials (ties kept)?"""
-    for t in StudyRecord(study).completed():
-        if t.refusals is None or t.kl_divergence is None:
-            continue
-        if t.refusals <= refusals and t.kl_divergence <= kl and (t.refusals < refusals or t.kl_divergence < kl):
-            return False
-    return True
-
-
 def refusal_cap(study: optuna.Study):
     """For a trial at KL `kl`: the fewest refusals of any finished trial with KL <= kl. A trial
     reaching that count is dominated (no better on either axis) and need not be scored further."""

@@ -23,16 +23,16 @@ from .config import Settings
 from .detectors import MarkerDetector, ModelJudge, agreement, build_detector
 from .directions import RefusalGeometry
 from .errors import HereticError
-from .evaluation import Evaluator, detect_response_prefix
+from .evaluation import Evaluator, FirstLook, detect_response_prefix
 from .generation import generate
 from .geometry import GeometryOptions, cached_geometry, compute_geometry
 from .model import LoadedModel, chat_texts, load_model, matches_fingerprint, model_fingerprint
 from .prompts import PromptSets, load_all_prompts
 from .records import FINISHED, StudyRecord, TrialRecord, response_prefix_of
 from .report import plot_layer_metrics, write_residual_plot
-from .results import print_front
+from .results import pareto_front, print_front, trials_table
 from .screening import ScreeningOptions, calibrated_proxy, screen_reason
-from .search import best_layer_seed, enters_front, hardest_first, objectives, refusal_cap, sample_edit
+from .search import best_layer_seed, hardest_first, objectives, refusal_cap, sample_edit
 from .store import check_prompt_fingerprints, fail_stale_trials, is_shared_storage, open_study, study_file
 
 
@@ -213,9 +213,9 @@ def run_study(settings: Settings) -> StudyRun:
     if settings.search.seed_best_layer and not study.trials:
         study.enqueue_trial(best_layer_seed(settings.search, geometry), skip_if_exists=True)
 
-    def first_look(trial: optuna.Trial, stored: TrialRecord, edit, stats) -> tuple[float, float]:
+    def first_look(trial: optuna.Trial, stored: TrialRecord, edit, approximation) -> FirstLook:
         """KL and the proxy in one forward; a trial that cannot enter the front ends here (pruned,
-        with the proxy's numbers and the reason stored). Returns (KL, seconds) for the score."""
+        with the proxy's numbers and the reason stored). Returns the look, for the score to use."""
         look = evaluator.first_look(probe)
         kl, seconds = look.kl_divergence, look.seconds
         tokens, projections = look.harmful_logprobs.argmax(-1).tolist(), look.projections.tolist()
@@ -225,27 +225,28 @@ def run_study(settings: Settings) -> StudyRun:
             reason = screen_reason(predicted, refusal_cap(trial.study)(kl), margin)
             if reason is not None:
                 stored.record_score(kl, seconds, 0.0, 0, [])
-                stored.record_edit(edit, (stats.approximation_error, stats.row_norm_error)
-                                   if settings.row_normalization == "full" else None)  # fmt: skip
+                stored.record_edit(edit, approximation)
                 stored.record_screened(reason)
                 tqdm.write(f"trial {trial.number}: KL {kl:.4f}, screened out without generating: {reason} "
                            f"({seconds:.1f} s)")  # fmt: skip
                 raise optuna.TrialPruned()
-        return kl, seconds
+        return look
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         stored = TrialRecord(trial)
         stored.record_worker()
         edit = sample_edit(trial, settings.search, geometry, settings.capability_prompts is not None)
         stats = abliterator.apply(edit)
+        # how far the trial-time LoRA is from the exact edit: only "full" row normalisation approximates
         full = settings.row_normalization == "full"
+        approximation = (stats.approximation_error, stats.row_norm_error) if full else None
         evaluator.prioritize(hardest_first(trial.study))
-        look = first_look(trial, stored, edit, stats) if screening.enabled else None
+        look = first_look(trial, stored, edit, approximation) if screening.enabled else None
         score = evaluator.score(f"trial {trial.number}", refusal_cap(trial.study) if settings.prune_dominated else None,
                                 look)  # fmt: skip
         stored.record_score(score.kl_divergence, score.kl_seconds, score.generation_seconds, score.tokens_generated,
                             evaluator.refused_positions(score))  # fmt: skip
-        stored.record_edit(edit, (stats.approximation_error, stats.row_norm_error) if full else None)
+        stored.record_edit(edit, approximation)
         stored.record_refusals(score.refusals, score.pruned)
         if score.pruned:
             stored.record_pruned(f"dominated: {score.refusals} refusals, as many as a finished trial with no higher "
@@ -264,14 +265,6 @@ def run_study(settings: Settings) -> StudyRun:
         tqdm.write(f"trial {trial.number}: refusals {score.refusals}/{len(evaluator.harmful)}, "
                    f"KL {score.kl_divergence:.4f} ({score.kl_seconds:.1f} s KL, "
                    f"{score.generation_seconds:.1f} s generation)")  # fmt: skip
-        long = settings.front_response_length
-        if long > settings.max_response_length and enters_front(trial.study, score.refusals, score.kl_divergence):
-            # on the front, the count is redone with long responses before anyone reads it there
-            started = time.perf_counter()
-            count, _ = evaluator.count_refusals(long, f"trial {trial.number}, {long}-token responses")
-            stored.record_long(count, long, time.perf_counter() - started)
-            tqdm.write(f"trial {trial.number}: enters the Pareto front; {count}/{len(evaluator.harmful)} refusals "
-                       f"with {long}-token responses")  # fmt: skip
         return objectives(score.refusals, score.kl_divergence, base_refusals, settings.kl_divergence_scale,
                           settings.kl_divergence_target)  # fmt: skip
 
@@ -287,8 +280,32 @@ def run_study(settings: Settings) -> StudyRun:
         finally:
             bar.close()
             timings["trials"] = time.perf_counter() - started
+    if settings.front_response_length > settings.max_response_length:
+        started = time.perf_counter()
+        if recount_front(study, abliterator, evaluator, settings.front_response_length):
+            timings["front_recount"] = time.perf_counter() - started
     table = print_front(study)
     return StudyRun(study, abliterator, geometry, evaluator, table, timings)
+
+
+def recount_front(study: optuna.Study, abliterator: Abliterator, evaluator: Evaluator, length: int) -> int:
+    """Count the refusals of every Pareto-front trial again with `length`-token responses (those
+    not counted yet), before the front is shown or a trial chosen from it; returns how many.
+
+    Short responses miss refusals that follow a compliant opening. Only the final front is
+    recounted: a trial that was on the front for a while and left it is never shown there, and
+    the sampler reads the short counts either way, so recounting it would buy nothing."""
+    record = StudyRecord(study)
+    front = pareto_front(trials_table(study))
+    todo = [int(n) for n in front["trial"]] if not front.empty else []
+    todo = [n for n in todo if record.trial(n).refusals_long is None and record.front_recount(n, length) is None]
+    for number in todo:
+        abliterator.apply(record.trial(number).edit)
+        count, _ = evaluator.count_refusals(length, f"front trial {number}, {length}-token responses")
+        record.set_front_recount(number, length, count)
+        tqdm.write(f"trial {number} (on the Pareto front): {count}/{len(evaluator.harmful)} refusals with "
+                   f"{length}-token responses")  # fmt: skip
+    return len(todo)
 
 
 def verify_long_responses(run: StudyRun, settings: Settings, number: int) -> dict[str, int] | None:

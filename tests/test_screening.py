@@ -19,10 +19,13 @@ from heretic_like.records import StudyRecord
 from heretic_like.results import ExportRule, choose_trial
 from heretic_like.screening import (
     MIN_CALIBRATION,
+    Observed,
     OpeningRates,
     ScreeningOptions,
-    predicted_refusals,
+    Shadowed,
+    proxy_probabilities,
     rank_correlation,
+    replay_screening,
     screen_reason,
     screening_margin,
 )
@@ -51,19 +54,51 @@ def test_first_look_equals_a_plain_forward_at_the_same_positions(tiny_llama, tmp
         # hidden_states[i + 1] is what layer i writes; projected on the unit direction
         projection = out.hidden_states[2][0, -1].float() @ (direction / direction.norm())
         assert float(look.projections[position]) == pytest.approx(float(projection), abs=1e-4)
-    assert kl == pytest.approx(evaluator.score().kl_divergence, abs=1e-6)
+    plain = evaluator.score()
+    assert kl == pytest.approx(plain.kl_divergence, abs=1e-6)
+    # generating from the look's KV caches gives the responses a fresh prefill gives
+    assert set(look.prefilled) and len(look.prefilled) == len(harmful)
+    reused = evaluator.score(first_look=look)
+    assert reused.responses == plain.responses and reused.kl_divergence == kl
+
+
+def test_prefilled_caches_are_the_prefills_own(tiny_llama, tmp_path):
+    """The KV caches the first look keeps equal, position by position, what a generation
+    batch's own prefill computes for the same prompts."""
+    from heretic_like.generation import SharedPrefix, first_token_look
+
+    loaded = load_model(settings_for(tiny_llama, tmp_path))
+    texts = chat_texts(loaded.tokenizer, ["one", "a longer request two", "three three", "fine"], None)
+    rows = loaded.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    _, _, prefilled = first_token_look(loaded, texts, 2, keep=range(1, 4))
+    assert set(prefilled) == {tuple(r) for r in rows[1:]}
+    fresh = SharedPrefix(loaded, rows[1:]).prefill(rows[1:])
+    reused = SharedPrefix(loaded, rows[1:], prefilled).prefill(rows[1:])
+    for a, b in zip(fresh.layers, reused.layers, strict=True):
+        assert torch.allclose(a.keys, b.keys, atol=1e-5) and torch.allclose(a.values, b.values, atol=1e-5)
 
 
 def test_opening_rates_and_the_proxy():
     rates = OpeningRates()
     rates.update([5, 5, 7, 9], [True, True, False, True])
     rates.update([5], [False])
-    table = rates.rates(12)
-    assert table[5] == pytest.approx(2 / 3) and table[7] == 0 and table[9] == 1
-    assert table[3] == 0  # never seen opening a response: predicted compliant, so generated
-    logprobs = torch.full((2, 12), -1e9)
-    logprobs[0, 9], logprobs[1, 7] = 0.0, 0.0  # certain openings
-    assert predicted_refusals(logprobs, table) == pytest.approx(1.0)
+    assert rates.rate(5) == pytest.approx(2 / 3) and rates.rate(7) == 0 and rates.rate(9) == 1
+    assert rates.rate(3) == 0  # never seen opening a response: predicted compliant, so generated
+    # leave-one-out: a response's own verdict does not count towards its token's rate
+    assert rates.rate(5, True) == pytest.approx(1 / 2) and rates.rate(5, False) == 1.0
+    assert rates.rate(9, True) == 0.0  # its only response left out: unseen
+
+    # a history with no refusal at all: the opening rates alone (all 0, nothing to learn from)
+    quiet = [Observed([1, 2, 3], None, [False, False, False])]
+    assert proxy_probabilities(quiet, [1, 4], None).tolist() == [0.0, 0.0]
+    # openings that separate refusals from answers: the fitted proxy orders by them, and a
+    # projection that also separates them sharpens it
+    history = [Observed([5, 5, 5, 7, 7, 7, 5, 7], [3.0, 2.5, 2.8, -1.0, -0.5, -0.8, 0.5, 0.2],
+                        [True, True, True, False, False, False, True, False])]  # fmt: skip
+    p = proxy_probabilities(history, [5, 7, 8], None)
+    assert p[0] > 0.5 > p[1] and p[2] < 0.5
+    with_projection = proxy_probabilities(history, [5, 5], [3.0, -1.0])
+    assert with_projection[0] > with_projection[1]
 
 
 @given(st.floats(0, 64), st.none() | st.integers(0, 64), st.none() | st.floats(1, 20))
@@ -82,6 +117,28 @@ def test_margin_needs_calibration_and_covers_the_errors():
     margin = screening_margin(errors)
     assert margin >= max(1.0, pd.Series(errors).quantile(0.95) + 1) and margin > 3.0
     assert rank_correlation([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+
+
+def test_replaying_the_rule_on_a_fully_generated_study():
+    """What screening would have decided on a study where every trial was generated: nothing
+    while the margin is uncalibrated or inside the startup trials, then only trials predicted
+    dominated even with the margin; a screened trial moves no later cap."""
+    calibrating = [Shadowed(n, kl=0.1 + n / 100, predicted=10.0 + n % 2, refusals=10) for n in range(6)]
+    assert replay_screening(calibrating, startup=0) == {}  # six errors are needed first
+    later = [
+        Shadowed(6, kl=0.5, predicted=30.0, refusals=29),  # dominated even with the margin: screened
+        Shadowed(7, kl=0.01, predicted=30.0, refusals=29),  # no finished trial at lower KL: generated
+        Shadowed(8, kl=0.6, predicted=11.0, refusals=3),  # within the margin of the cap: generated
+        Shadowed(9, kl=0.7, predicted=30.0, refusals=None, refusals_at_least=3),  # dominated by trial 8
+    ]
+    screened = replay_screening(calibrating + later, startup=0)
+    assert sorted(screened) == [6, 9] and "10 at no higher KL" in screened[6] and "3 at no higher KL" in screened[9]
+    assert replay_screening(calibrating + later, startup=10) == {}  # the first ten are always generated
+    # a screened trial was never counted, so its (here wrongly predicted) 2 refusals are no cap:
+    # a later trial at KL 0.55 meets cap 10, and 11.5 - 2 < 10 is generated
+    wrong = Shadowed(6, kl=0.5, predicted=30.0, refusals=2)
+    again = replay_screening([*calibrating, wrong, Shadowed(10, kl=0.55, predicted=11.5, refusals=12)], 0)
+    assert sorted(again) == [6]
 
 
 def test_startup_and_audited_trials_are_drawn_the_same_on_resume():
@@ -133,12 +190,14 @@ def test_a_study_screens_trials_and_keeps_startup_and_front_honest(screened_stud
     assert all(not t.screened for t in trials if t.number < 4)  # startup trials are always generated
     base = record.base_first_look
     assert len(base["tokens"]) == len(base["projections"]) == 24
-    # every trial on the front was counted again with long responses
+    # every trial on the final front was counted again with long responses, and no other trial
     from heretic_like.results import pareto_front, trials_table
 
-    front = pareto_front(trials_table(study))
+    table = trials_table(study)
+    front = pareto_front(table)
     assert front["refusals_long"].notna().all()
-    assert all(t.long_length == 24 for t in record.completed() if t.refusals_long is not None)
+    assert table["refusals_long"].notna().sum() == len(front)
+    assert all(record.front_recount(int(n), 24) is not None for n in front["trial"])
 
 
 def test_a_study_with_screened_trials_resumes(screened_study, capsys):
