@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .detectors import Detector
-from .generation import Prefilled, first_token_logprobs, first_token_look, generate_batches
+from .generation import Prefilled, first_token_logprobs, first_token_look, generate_batches, leading_rows
 from .model import LoadedModel, chat_texts
 
 
@@ -63,7 +63,8 @@ def refusal_count(loaded: LoadedModel, texts: list[str], prompts: list[str], det
 
     With a streaming detector (markers) rows stop at their first marker when `stop_rows`, so long
     responses only cost those that comply. With `cap`, generation stops once that many refusals
-    are counted (the trial is dominated: `pruned`), and does not start when it is 0. `prefilled`:
+    are counted (the trial is dominated: `pruned`), and does not start when it is 0; its first batch
+    is then a small one (`leading_rows`), where the hardest prompts go first. `prefilled`:
     the texts' KV caches under the current edit, from its first look (`generation.Prefilled`)."""
     responses: list[str] = []
     refused: list[bool] = []
@@ -71,7 +72,7 @@ def refusal_count(loaded: LoadedModel, texts: list[str], prompts: list[str], det
     if cap != 0:
         budget = (lambda: cap - sum(refused)) if cap is not None else None
         for batch, count in generate_batches(loaded, texts, max_new_tokens, batch_size, desc, detector, stop_rows,
-                                             budget, prompts, prefilled):  # fmt: skip
+                                             budget, prompts, prefilled, leading_rows(cap, batch_size)):  # fmt: skip
             refused += detector.classify(prompts[len(responses) : len(responses) + len(batch)], batch)
             responses += batch
             tokens += count

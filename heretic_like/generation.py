@@ -271,24 +271,49 @@ class StopAtMarker(StoppingCriteria):
 
 
 @torch.inference_mode()
+def batch_sizes(n: int, batch_size: int, first_batch: int | None = None) -> list[int]:
+    """Sizes of the batches `n` texts are generated in: `first_batch` rows first (when given and
+    smaller than `batch_size`), then `batch_size` at a time."""
+    first = min(first_batch, batch_size) if first_batch else batch_size
+    sizes = [min(first, n)] if n else []
+    while sum(sizes) < n:
+        sizes.append(min(batch_size, n - sum(sizes)))
+    return sizes
+
+
+def leading_rows(cap: int | None, batch_size: int) -> int | None:
+    """The first batch of a trial that may turn out dominated: twice the refusals it would take to
+    reach its cap, at least 8 (None without a cap: one size for all batches).
+
+    The prompts are scored hardest first, so a dominated trial meets the refusals that stop it in
+    this small batch and stops there, having paid for a few rows' prefill and decode steps instead
+    of a full batch's; a trial that is not dominated pays one extra batch's per-step overhead."""
+    if cap is None or cap <= 0:
+        return None
+    return min(batch_size, max(8, 2 * cap))
+
+
 def generate_batches(
     loaded: LoadedModel, texts: list[str], max_new_tokens: int, batch_size: int, desc: str | None = None,
     detector=None, stop_rows: bool = False, budget: Callable[[], int | None] | None = None,
-    prompts: list[str] | None = None, prefilled: Prefilled | None = None,
+    prompts: list[str] | None = None, prefilled: Prefilled | None = None, first_batch: int | None = None,
 ) -> Iterator[tuple[list[str], int]]:  # fmt: skip
     """Greedy responses (special tokens stripped) and the number of tokens generated, one batch at
     a time so callers can stop early. With a streaming `detector` (markers), rows may stop at their
     first marker (`stop_rows`) and a batch stops once `budget()` of its rows have refused; `prompts`
     (the plain requests behind `texts`) let it ignore markers echoed from the request;
-    `prefilled`: KV caches the first look computed under the current edit (`first_token_look`).
+    `prefilled`: KV caches the first look computed under the current edit (`first_token_look`);
+    `first_batch`: the first batch's size, when it differs from the others (`leading_rows`).
 
     The prompts' shared prefix is computed once per call (`SharedPrefix`), not once per batch."""
     tokenizer = loaded.tokenizer
     rows = tokenizer(texts, add_special_tokens=False)["input_ids"]
     prefix = SharedPrefix(loaded, rows, prefilled)
-    starts = range(0, len(texts), batch_size)
-    for start in tqdm(starts, desc=desc, unit="batch", leave=False, disable=desc is None):
-        chunk = rows[start : start + batch_size]
+    sizes = batch_sizes(len(texts), batch_size, first_batch)
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    for start, size in tqdm(zip(starts, sizes, strict=True), total=len(sizes), desc=desc, unit="batch",
+                            leave=False, disable=desc is None):  # fmt: skip
+        chunk = rows[start : start + size]
         ids, mask = prefix.batch(chunk)
         batch = {"input_ids": ids, "attention_mask": mask}
         cache = prefix.generation_cache(chunk)
@@ -299,7 +324,7 @@ def generate_batches(
         watch = detector is not None and getattr(detector, "streaming", False) and (stop_rows or limit is not None)
         stopping = StoppingCriteriaList(
             [StopAtMarker(tokenizer, prompt_length, detector, stop_rows, limit,
-                          prompts[start : start + batch_size] if prompts else None)] if watch else []
+                          prompts[start : start + size] if prompts else None)] if watch else []
         )
         output = loaded.model.generate(
             **batch, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,

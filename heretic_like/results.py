@@ -61,6 +61,13 @@ class ExportRule:
     kl_exchange: float
     base_refusals: int
 
+    def score(self, refusals, kl):
+        """What the rule minimises among trials with KL <= kl_limit (scalars or pandas Series);
+        it never falls as refusals rise, so a trial's short count bounds its long-count score."""
+        if self.rule == "fewest_refusals":
+            return refusals + kl * 1e-6  # fewest refusals; the KL only breaks ties (KL < 1e6)
+        return refusals / max(self.base_refusals, 1) + kl / self.kl_exchange
+
     @classmethod
     def of(cls, settings: Settings, study: optuna.Study) -> ExportRule:
         base = StudyRecord(study).base_refusals
@@ -86,14 +93,14 @@ def choose_trial(table: pd.DataFrame, rule: ExportRule) -> Choice | None:
     table, counted = long_counted(table)
     within = table[table["kl_divergence"] <= rule.kl_limit]
     if within.empty:
-        row = table.sort_values(["kl_divergence", "trial"]).iloc[0]
+        row = table.sort_values(["kl_divergence", "refusals", "trial"]).iloc[0]
         return Choice(int(row["trial"]), f"no trial has KL <= {rule.kl_limit} (export_kl_limit): the lowest-KL trial")
     fewest = within.sort_values(["refusals", "kl_divergence", "trial"]).iloc[0]
     if rule.rule == "fewest_refusals":
         return Choice(int(fewest["trial"]), f"fewest refusals among the {len(within)} trials with KL <= "
                                             f"{rule.kl_limit} (export_rule = fewest_refusals){counted}")  # fmt: skip
     base = max(rule.base_refusals, 1)
-    scored = within.assign(_score=within["refusals"] / base + within["kl_divergence"] / rule.kl_exchange)
+    scored = within.assign(_score=rule.score(within["refusals"], within["kl_divergence"]))
     row = scored.sort_values(["_score", "refusals", "kl_divergence", "trial"]).iloc[0]
     reason = (f"lowest refusals/{base} + KL/{rule.kl_exchange} = {row['_score']:.3f} among the {len(within)} "
               f"trials with KL <= {rule.kl_limit} (export_rule = balanced){counted}")  # fmt: skip
@@ -105,14 +112,30 @@ def choose_trial(table: pd.DataFrame, rule: ExportRule) -> Choice | None:
 
 
 def long_counted(table: pd.DataFrame) -> tuple[pd.DataFrame, str]:
-    """The trials a choice is made among, and a note for its reason. When every trial on the
-    front was counted again with long responses (each was when it entered the front), the choice
-    is among the front's trials by those counts: the short count of a trial misses refusals that
-    follow a compliant opening, and the rule must not reward that."""
+    """The trials a choice is made among, and a note for its reason. When the front's trials were
+    counted again with long responses, the choice is among the front's trials by those counts:
+    the short count of a trial misses refusals that follow a compliant opening, and the rule must
+    not reward that. A front trial left uncounted (`recount_order` proved that the rule could not
+    choose it even at its short count, a lower bound) keeps its short count."""
     front = pareto_front(table)
-    if "refusals_long" not in table or front.empty or front["refusals_long"].isna().any():
+    if "refusals_long" not in table or front.empty or front["refusals_long"].isna().all():
         return table, ""
-    return front.assign(refusals=front["refusals_long"].astype(int)), "; refusals counted with long responses"
+    counted = front["refusals_long"].notna()
+    note = "; refusals counted with long responses"
+    if not counted.all():
+        note += f" ({int(counted.sum())} of the front's {len(front)}: the rule could not pick the others)"
+    return front.assign(refusals=front["refusals_long"].fillna(front["refusals"]).astype(int)), note
+
+
+def recount_order(front: pd.DataFrame, rule: ExportRule) -> list[tuple[int, float]]:
+    """The front's trials the rule may pick (KL <= kl_limit), with the lowest score each could
+    have with long responses (its short-count score: a longer response only adds refusals), best
+    first. Recount them in this order and stop at the first whose bound is above the best exact
+    score found: no trial after it can be chosen. (Without a trial within the limit the rule
+    takes the lowest-KL one, whatever its count: nothing needs recounting.)"""
+    within = front[front["kl_divergence"] <= rule.kl_limit]
+    bounds = rule.score(within["refusals"], within["kl_divergence"])
+    return sorted(((int(t), float(b)) for t, b in zip(within["trial"], bounds, strict=True)), key=lambda x: x[1])
 
 
 def choose_best(table: pd.DataFrame, rule: ExportRule) -> int | None:

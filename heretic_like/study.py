@@ -30,7 +30,7 @@ from .model import LoadedModel, chat_texts, load_model, matches_fingerprint, mod
 from .prompts import PromptSets, load_all_prompts
 from .records import FINISHED, StudyRecord, TrialRecord, response_prefix_of
 from .report import plot_layer_metrics, write_residual_plot
-from .results import pareto_front, print_front, trials_table
+from .results import ExportRule, pareto_front, print_front, recount_order, trials_table
 from .screening import ScreeningOptions, calibrated_proxy, screen_reason
 from .search import best_layer_seed, hardest_first, objectives, refusal_cap, sample_edit
 from .store import check_prompt_fingerprints, fail_stale_trials, is_shared_storage, open_study, study_file
@@ -282,30 +282,41 @@ def run_study(settings: Settings) -> StudyRun:
             timings["trials"] = time.perf_counter() - started
     if settings.front_response_length > settings.max_response_length:
         started = time.perf_counter()
-        if recount_front(study, abliterator, evaluator, settings.front_response_length):
+        if recount_front(study, abliterator, evaluator, settings.front_response_length, ExportRule.of(settings, study)):
             timings["front_recount"] = time.perf_counter() - started
     table = print_front(study)
     return StudyRun(study, abliterator, geometry, evaluator, table, timings)
 
 
-def recount_front(study: optuna.Study, abliterator: Abliterator, evaluator: Evaluator, length: int) -> int:
-    """Count the refusals of every Pareto-front trial again with `length`-token responses (those
-    not counted yet), before the front is shown or a trial chosen from it; returns how many.
+def recount_front(study: optuna.Study, abliterator: Abliterator, evaluator: Evaluator, length: int,
+                  rule: ExportRule) -> int:  # fmt: skip
+    """Count the Pareto front's trials again with `length`-token responses, before the front is
+    shown or a trial chosen from it; returns how many were counted now.
 
-    Short responses miss refusals that follow a compliant opening. Only the final front is
-    recounted: a trial that was on the front for a while and left it is never shown there, and
-    the sampler reads the short counts either way, so recounting it would buy nothing."""
+    Short responses miss refusals that follow a compliant opening. Only the final front matters
+    (a trial that left the front is never shown there, and the sampler reads the short counts),
+    and of it only the trials the export rule could pick: they are counted best bound first
+    (`results.recount_order`) until no other can beat the best long count. Trials counted
+    before (a resumed study, an earlier front) are not counted again."""
     record = StudyRecord(study)
     front = pareto_front(trials_table(study))
-    todo = [int(n) for n in front["trial"]] if not front.empty else []
-    todo = [n for n in todo if record.trial(n).refusals_long is None and record.front_recount(n, length) is None]
-    for number in todo:
-        abliterator.apply(record.trial(number).edit)
-        count, _ = evaluator.count_refusals(length, f"front trial {number}, {length}-token responses")
-        record.set_front_recount(number, length, count)
-        tqdm.write(f"trial {number} (on the Pareto front): {count}/{len(evaluator.harmful)} refusals with "
-                   f"{length}-token responses")  # fmt: skip
-    return len(todo)
+    if front.empty:
+        return 0
+    counted, best = 0, float("inf")
+    for number, bound in recount_order(front, rule):
+        if bound > best:  # even its short count cannot beat a long count already measured
+            break
+        trial = record.trial(number)
+        count = trial.refusals_long if trial.refusals_long is not None else record.front_recount(number, length)
+        if count is None:
+            abliterator.apply(trial.edit)
+            count, _ = evaluator.count_refusals(length, f"front trial {number}, {length}-token responses")
+            record.set_front_recount(number, length, count)
+            counted += 1
+            tqdm.write(f"trial {number} (on the Pareto front): {count}/{len(evaluator.harmful)} refusals with "
+                       f"{length}-token responses")  # fmt: skip
+        best = min(best, float(rule.score(count, trial.kl_divergence)))
+    return counted
 
 
 def verify_long_responses(run: StudyRun, settings: Settings, number: int) -> dict[str, int] | None:

@@ -1,10 +1,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 
 from heretic_like.detectors import MarkerDetector, is_refusal, normalize_text, strip_thinking
 from heretic_like.evaluation import Evaluator, count_refusals, detect_response_prefix, kl_divergence
-from heretic_like.generation import first_token_logprobs
+from heretic_like.generation import batch_sizes, first_token_logprobs, leading_rows
 from heretic_like.model import chat_texts, load_model
 from tests.test_model import settings_for
 
@@ -317,3 +319,36 @@ def test_an_edit_forcing_end_of_text_refuses_everything_and_is_never_exported(re
         wide_open = ExportRule(rule, float("inf"), 1e9, base.refusals)
         assert choose_best(table(silenced), wide_open) == 0
     assert choose_best(table(unguarded), ExportRule("fewest_refusals", float("inf"), 1.0, base.refusals)) == 1
+
+
+@given(st.integers(0, 300), st.integers(1, 128), st.none() | st.integers(1, 200))
+def test_batch_sizes_cover_every_text_once(n, batch_size, first):
+    sizes = batch_sizes(n, batch_size, first)
+    assert sum(sizes) == n and all(0 < s <= batch_size for s in sizes)
+    if n and first:
+        assert sizes[0] == min(first, batch_size, n)
+    assert all(s == batch_size for s in sizes[1:-1])
+
+
+def test_leading_rows():
+    assert leading_rows(None, 64) is None and leading_rows(0, 64) is None
+    assert leading_rows(1, 64) == 8 and leading_rows(6, 64) == 12 and leading_rows(40, 64) == 64
+    assert leading_rows(3, 4) == 4  # never above the batch size
+
+
+def test_a_trial_that_may_be_dominated_starts_with_a_small_batch(refusing_model, tmp_path):
+    """With a cap, the hardest prompts go first in a batch of `leading_rows`: a dominated trial
+    stops there; one that is not gets the verdicts one batch size gives."""
+    loaded = load_model(settings_for(refusing_model, tmp_path))
+    from heretic_like.prompts import builtin_path
+
+    harmful = builtin_path("harmful").read_text().splitlines()[:20]
+    harmless = builtin_path("harmless").read_text().splitlines()[:20]
+    evaluator = Evaluator(loaded, harmless + harmful, harmless[:4], None, MarkerDetector(("sorry",)), 12, 32)
+    base = evaluator.score()
+    evaluator.prioritize(evaluator.refused_positions(base))
+    early = evaluator.score(refusal_cap=lambda kl: 3)
+    assert early.pruned and len(early.responses) == leading_rows(3, 32) == 8 and early.refusals >= 3
+    open_cap = evaluator.score(refusal_cap=lambda kl: base.refusals + 1)  # never reached
+    assert not open_cap.pruned and open_cap.refused == evaluator.score().refused
+    assert open_cap.refusals == base.refusals

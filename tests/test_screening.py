@@ -16,7 +16,7 @@ from heretic_like.detectors import MarkerDetector
 from heretic_like.evaluation import Evaluator
 from heretic_like.model import chat_texts, load_model
 from heretic_like.records import StudyRecord
-from heretic_like.results import ExportRule, choose_trial
+from heretic_like.results import ExportRule, choose_trial, pareto_front, recount_order
 from heretic_like.screening import (
     MIN_CALIBRATION,
     Observed,
@@ -29,6 +29,7 @@ from heretic_like.screening import (
     screen_reason,
     screening_margin,
 )
+from heretic_like.store import settings_of
 from tests.conftest import study_config
 from tests.test_model import settings_for
 
@@ -161,6 +162,29 @@ def test_export_rule_reads_the_long_counts_on_the_front():
     assert short.trial == 1
 
 
+@given(st.lists(st.tuples(st.integers(0, 30), st.floats(0.0, 0.2), st.integers(0, 10)), min_size=1, max_size=12),
+       st.sampled_from(["balanced", "fewest_refusals"]))
+def test_recounting_the_front_best_bound_first_picks_what_recounting_all_would(rows, rule_name):
+    """However many more refusals the long responses find, stopping the recount at the first bound
+    above the best long score measured leaves the rule's choice what it is with every trial counted."""
+    rule = ExportRule(rule_name, 0.1, 0.2, 20)
+    table = pd.DataFrame({"trial": range(len(rows)), "refusals": [r for r, _, _ in rows],
+                          "kl_divergence": [k for _, k, _ in rows]})  # fmt: skip
+    extra = {t: rows[t][2] for t in range(len(rows))}  # refusals only the long responses find
+    front = pareto_front(table)
+    full = table.assign(refusals_long=pd.array([r + extra[t] if t in set(front["trial"]) else None
+                                                for t, r in enumerate(table["refusals"])], dtype="Int64"))  # fmt: skip
+    counted, best = {}, float("inf")
+    for number, bound in recount_order(front, rule):
+        assert bound == pytest.approx(float(rule.score(table["refusals"][number], table["kl_divergence"][number])))
+        if bound > best:
+            break
+        counted[number] = table["refusals"][number] + extra[number]
+        best = min(best, float(rule.score(counted[number], table["kl_divergence"][number])))
+    partial = table.assign(refusals_long=pd.array([counted.get(t) for t in range(len(rows))], dtype="Int64"))
+    assert choose_trial(partial, rule).trial == choose_trial(full, rule).trial
+
+
 @pytest.fixture(scope="module")
 def screened_study(refusing_model, tmp_path_factory):
     """A study long enough for screening to calibrate and act on the trained refusing model."""
@@ -190,14 +214,21 @@ def test_a_study_screens_trials_and_keeps_startup_and_front_honest(screened_stud
     assert all(not t.screened for t in trials if t.number < 4)  # startup trials are always generated
     base = record.base_first_look
     assert len(base["tokens"]) == len(base["projections"]) == 24
-    # every trial on the final front was counted again with long responses, and no other trial
-    from heretic_like.results import pareto_front, trials_table
+    # the front's trials were counted again with long responses, best bound first, until no other
+    # could be picked; no trial off the front was
+    from heretic_like.results import trials_table
 
+    settings = settings_of(study)
+    rule = ExportRule.of(settings, study)
     table = trials_table(study)
     front = pareto_front(table)
-    assert front["refusals_long"].notna().all()
-    assert table["refusals_long"].notna().sum() == len(front)
-    assert all(record.front_recount(int(n), 24) is not None for n in front["trial"])
+    assert set(table.loc[table["refusals_long"].notna(), "trial"]) <= set(front["trial"])
+    long = {int(t): int(c) for t, c in zip(table["trial"], table["refusals_long"], strict=True) if not pd.isna(c)}
+    assert long and all(record.front_recount(n, 24) == c for n, c in long.items())
+    best = min(float(rule.score(c, table.set_index("trial").loc[n, "kl_divergence"])) for n, c in long.items())
+    for number, bound in recount_order(front, rule):
+        assert number in long or bound > best
+    assert choose_trial(table, rule).trial in long
 
 
 def test_a_study_with_screened_trials_resumes(screened_study, capsys):
