@@ -105,9 +105,8 @@ def main() -> None:
                       "seconds": {"heldout": round(held_s, 1), "heldout_long": round(long_s, 1)}}  # fmt: skip
     timings = record.run_timings
     trials = record.trials()
-    scored = [t for t in trials if "predicted_refusals" in t.user_attrs and not t.user_attrs.get("screened")
-              and "refusals" in t.user_attrs]
-    seconds = {k: round(sum(t.user_attrs.get(k, 0.0) for t in trials), 1) for k in ("kl_seconds", "generation_seconds")}
+    scored = [t for t in trials if t.predicted_refusals is not None and not t.screened and t.refusals is not None]
+    seconds = {k: round(sum(t.attr(k) or 0.0 for t in trials), 1) for k in ("kl_seconds", "generation_seconds")}
     summary = {
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, python "
                    f"{platform.python_version()}, torch {torch.__version__}",
@@ -117,9 +116,8 @@ def main() -> None:
         "n_pruned": sum(t.state.name == "PRUNED" for t in trials),
         # multi-fidelity: trials decided without generating, how well the proxy ranks the generated
         # counts (Spearman, over generated trials), and the long recounts of trials entering the front
-        "n_screened": sum(bool(t.user_attrs.get("screened")) for t in trials),
-        "proxy_rank_correlation": rank_correlation(
-            [t.user_attrs["predicted_refusals"] for t in scored], [t.user_attrs["refusals"] for t in scored]),
+        "n_screened": sum(bool(t.screened) for t in trials),
+        "proxy_rank_correlation": rank_correlation([t.predicted_refusals for t in scored], [t.refusals for t in scored]),
         "front_long_counts": front_long_counts(study),
         "batch_size": batch_size,
         "batch_size_choice": record.batch_size_choice,
