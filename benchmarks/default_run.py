@@ -117,7 +117,8 @@ def main() -> None:
         # multi-fidelity: trials decided without generating, how well the proxy ranks the generated
         # counts (Spearman, over generated trials), and the long recounts of trials entering the front
         "n_screened": sum(bool(t.screened) for t in trials),
-        "proxy_rank_correlation": rank_correlation([t.predicted_refusals for t in scored], [t.refusals for t in scored]),
+        "proxy_rank_correlation": rank_correlation([t.predicted_refusals for t in scored],
+                                                   [t.refusals for t in scored]),  # fmt: skip
         "front_long_counts": front_long_counts(study),
         "batch_size": batch_size,
         "batch_size_choice": record.batch_size_choice,

@@ -134,13 +134,14 @@ def proxy_probabilities(history: list[Observed], tokens: list[int], projections:
 CALIBRATION_WINDOW = 12
 
 
-def screening_margin(errors: list[float], quantile: float = 0.95) -> float | None:
+def screening_margin(errors: list[float], quantile: float = 0.95, extra: float = 1.0) -> float | None:
     """How many refusals fewer than predicted a trial may still turn out to have: the `quantile`
-    of (predicted - counted) over the last CALIBRATION_WINDOW scored trials, plus one; None
-    (screen nothing) while fewer than MIN_CALIBRATION trials calibrate it."""
+    of (predicted - counted) over the last CALIBRATION_WINDOW scored trials (at least 0), plus
+    `extra` (one refusal; the audit replays others); None (screen nothing) while fewer than
+    MIN_CALIBRATION trials calibrate it."""
     if len(errors) < MIN_CALIBRATION:
         return None
-    return max(1.0, float(pd.Series(errors[-CALIBRATION_WINDOW:]).quantile(quantile)) + 1.0)
+    return max(0.0, float(pd.Series(errors[-CALIBRATION_WINDOW:]).quantile(quantile))) + extra
 
 
 def screen_reason(predicted: float, cap: int | None, margin: float | None) -> str | None:
@@ -167,10 +168,11 @@ class Shadowed:
     refusals_at_least: int | None = None
 
 
-def replay_screening(trials: list[Shadowed], startup: int) -> dict[int, str]:
+def replay_screening(trials: list[Shadowed], startup: int, extra: float = 1.0) -> dict[int, str]:
     """The trials (by number, with the reason) the screening rule would have decided without
     generating, had none after the `startup` ones been audited. Replayed in the given order with
     what the rule would have known: a screened trial adds nothing to later caps or margins.
+    `extra`: the margin's allowance above the errors' quantile (`screening_margin`).
 
     Measures, on a study whose every trial was generated, what screening would have cost: which
     trials of the true front it would have excluded (the proxies stored were fitted on every
@@ -181,7 +183,7 @@ def replay_screening(trials: list[Shadowed], startup: int) -> dict[int, str]:
     for i, trial in enumerate(trials):
         if i >= startup:
             caps = [r for kl, r in finished if kl <= trial.kl]
-            reason = screen_reason(trial.predicted, min(caps) if caps else None, screening_margin(errors))
+            reason = screen_reason(trial.predicted, min(caps) if caps else None, screening_margin(errors, extra=extra))
             if reason is not None:
                 screened[trial.number] = reason
                 continue

@@ -117,6 +117,8 @@ def test_margin_needs_calibration_and_covers_the_errors():
     errors = [0.0, 1.0, -2.0, 3.0, 0.5, 2.0, 1.0, 0.0]
     margin = screening_margin(errors)
     assert margin >= max(1.0, pd.Series(errors).quantile(0.95) + 1) and margin > 3.0
+    assert screening_margin(errors, extra=-0.5) == pytest.approx(margin - 1.5)  # the audit's smaller margins
+    assert screening_margin([-2.0] * MIN_CALIBRATION) == 1.0  # an over-predicting proxy still keeps one refusal
     assert rank_correlation([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
 
 
