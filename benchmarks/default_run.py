@@ -1,13 +1,15 @@
 """The README's first command, measured: `python -m heretic_like` with nothing overridden, on the
 testbed model, from a fresh cache (the GGUF conversion included) to the export written; then the
 exported model and the unedited one scored on 100 held-out HarmBench behaviours (never seen by
-the study) and 80 benign-but-edgy prompts.
+the study) and 80 benign-but-edgy prompts; the 128-token held-out responses are judged again by
+a judge detector (the 1.5B testbed model, or `--judge-model`) and the disagreements listed
+(`--judge-only` does just that for a finished `--out`).
 
     python benchmarks/default_run.py [--out benchmarks/results-default] [-- --n-trials 12 ...]
 
 Arguments after `--` go to the command (the quick variant); the summary records them. The run
 happens in `benchmarks/.cache/default-run/` with HOME pointing inside it, so nothing cached from
-earlier runs is reused. Writes `summary.json`, `summary.md` and `run.log` to `--out`.
+earlier runs is reused. Writes `summary.json`, `summary.md`, `run.log` and `heldout_responses.json` to `--out`.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from qwen_benchmark import front_long_counts, harmbench_prompts, overrefusal_prompts  # noqa: E402
 
-from heretic_like.detectors import MarkerDetector  # noqa: E402
+from heretic_like.config import load_settings  # noqa: E402
+from heretic_like.detectors import MarkerDetector, ModelJudge, agreement  # noqa: E402
 from heretic_like.evaluation import refusal_count  # noqa: E402
 from heretic_like.model import chat_texts, load_model  # noqa: E402
 from heretic_like.records import StudyRecord  # noqa: E402
@@ -41,14 +44,70 @@ from heretic_like.store import load_existing_study, settings_of  # noqa: E402
 from heretic_like.testbed import fetch_qwen  # noqa: E402
 
 
-def score(settings, loaded, prompts: list[str], length: int, batch_size: int) -> tuple[int, list[dict], float]:
-    """(refusals, refused prompts with their responses, seconds) of a loaded model."""
+def score(settings, loaded, prompts: list[str], length: int, batch_size: int) -> tuple[int, list[dict], float, list]:
+    """(refusals, refused prompts with their responses, seconds, every response with its verdict)."""
     texts = chat_texts(loaded.tokenizer, prompts, settings.system_prompt)
     started = time.perf_counter()
     counted = refusal_count(loaded, texts, prompts, MarkerDetector.from_settings(settings), length, batch_size)
-    refused = [{"prompt": p, "response": r}
-               for p, r, v in zip(prompts, counted.responses, counted.refused, strict=True) if v]  # fmt: skip
-    return counted.refusals, refused, time.perf_counter() - started
+    every = [{"prompt": p, "response": r, "markers": bool(v)}
+             for p, r, v in zip(prompts, counted.responses, counted.refused, strict=True)]  # fmt: skip
+    refused = [{"prompt": e["prompt"], "response": e["response"]} for e in every if e["markers"]]
+    return counted.refusals, refused, time.perf_counter() - started, every
+
+
+def judge_check(judge, answered: dict[str, list[dict]]) -> dict:
+    """The markers' held-out verdicts checked by the judge detector: per model the two counts,
+    agreement and Cohen's kappa, and every disagreement with its text (the judge can be wrong
+    too: the list is there to be read)."""
+    out: dict = {"disagreements": []}
+    for name, every in answered.items():
+        markers = [e["markers"] for e in every]
+        verdicts = judge.classify([e["prompt"] for e in every], [e["response"] for e in every])
+        out[name] = {"markers": sum(markers), "judge": sum(verdicts), **agreement(markers, verdicts)}
+        out["disagreements"] += [{"model": name, **e, "judge": v}
+                                 for e, v in zip(every, verdicts, strict=True) if v != e["markers"]]  # fmt: skip
+    return out
+
+
+def add_judge_check(out: Path, judge_path: str) -> None:
+    """Judge `out`'s stored held-out responses and write the check into its summary (json, md)."""
+    summary = json.loads((out / "summary.json").read_text())
+    answered = json.loads((out / "heldout_responses.json").read_text())
+    started = time.perf_counter()
+    judge = load_model(load_settings(None, {"model": judge_path}))
+    summary["judge_check"] = {"judge": Path(judge_path).name, "length": summary["long_response_length"],
+                              **judge_check(ModelJudge(judge, summary["batch_size"]), answered)}  # fmt: skip
+    summary["timings_s"]["judge_check"] = round(time.perf_counter() - started, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "summary.md").write_text(summary_markdown(summary))
+
+
+def summary_markdown(summary: dict) -> str:
+    """The summary's headline table, from the summary alone."""
+    best, over, judged = summary["best_trial"], summary["overrefusal"], summary.get("judge_check")
+    short, long = summary["max_response_length"], summary["long_response_length"]
+    lines = [f"# Default run: `{summary['command']}`", "", f"Machine: {summary['machine']}", "",
+             "| | unedited | chosen trial |", "|---|---|---|",
+             f"| refusals, {summary['study_eval']['harmful']} study prompts | {summary['base_refusals_study_eval']} | "
+             f"{best['study_refusals']} ({best['study_refusals_verify']} at {summary['verify_response_length']} "
+             "tokens) |",
+             f"| refusals, 100 held-out HarmBench, {short} tokens | {summary['base_refusals_heldout']} | "
+             f"{best['heldout_refusals']} |",
+             f"| refusals, 100 held-out HarmBench, {long} tokens | {summary['base_refusals_heldout_long']} | "
+             f"{best['heldout_refusals_long']} |"]  # fmt: skip
+    if judged:
+        lines += [f"| the same, judged by {judged['judge']} | {judged['base']['judge']} | "
+                  f"{judged['best_trial']['judge']} |",
+                  f"| judge vs markers: agreement, kappa | {judged['base']['agreement']}, {judged['base']['kappa']} | "
+                  f"{judged['best_trial']['agreement']}, {judged['best_trial']['kappa']} |"]  # fmt: skip
+    lines += [f"| over-refusal, {over['prompts']} benign-edgy | {over['base']} | {over['best_trial']} |",
+              f"| KL divergence | 0 | {best['kl_divergence']:.4f} |", "",
+              f"Trial {best['trial']} of {summary['n_trials']} ({summary['n_pruned']} pruned, "
+              f"{summary['n_screened']} screened), batch size {summary['batch_size']}; proxy rank correlation "
+              f"{summary['proxy_rank_correlation']}.", "",
+              "Time (s): " + ", ".join(f"{k} {v}" for k, v in summary["timings_s"].items() if not isinstance(v, dict)),
+              ""]  # fmt: skip
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -57,10 +116,19 @@ def main() -> None:
     parser.add_argument("--long", type=int, default=128, help="held-out responses are also counted this long")
     parser.add_argument("--score-only", action="store_true",
                         help="do not run the command again: score the export of the last run in the work folder")
+    parser.add_argument("--judge-model", default=None,
+                        help="model that judges the long held-out responses (default: the 1.5B testbed model)")
+    parser.add_argument("--no-judge", action="store_true", help="skip the judge cross-check")
+    parser.add_argument("--judge-only", action="store_true",
+                        help="only judge the held-out responses stored in --out and update its summary")
     parser.add_argument("command", nargs="*", help="extra arguments for the command, after --")
     args = parser.parse_args()
     out, cache = Path(args.out).resolve(), ROOT / "benchmarks" / ".cache"  # absolute: the scoring runs in `work`
     out.mkdir(parents=True, exist_ok=True)
+    if args.judge_only:
+        add_judge_check(out, args.judge_model or str(fetch_qwen(ROOT / "models", "1.5b")))
+        print((out / "summary.md").read_text())
+        return
     work = cache / "default-run"
     heldout, edgy = harmbench_prompts(cache, 100), overrefusal_prompts(cache)
     started = time.perf_counter()
@@ -93,16 +161,17 @@ def main() -> None:
     batch_size = int(record.batch_size)
     length = settings.max_response_length
 
-    rows = {}
+    rows, answered = {}, {}
     for name, model in (("base", settings.model), ("best_trial", str(work / exported))):
         loaded = load_model(settings.model_copy(update={"model": model, "gguf_file": None}))
-        held, still, held_s = score(settings, loaded, heldout, length, batch_size)
-        held_long, still_long, long_s = score(settings, loaded, heldout, args.long, batch_size)
-        over, _, _ = score(settings, loaded, edgy, length, batch_size)
+        held, still, held_s, _ = score(settings, loaded, heldout, length, batch_size)
+        held_long, still_long, long_s, answered[name] = score(settings, loaded, heldout, args.long, batch_size)
+        over, _, _, _ = score(settings, loaded, edgy, length, batch_size)
         del loaded
         rows[name] = {"heldout_refusals": held, "heldout_refusals_long": held_long, "overrefusal": over,
                       "still_refused": still, "still_refused_long": still_long,
                       "seconds": {"heldout": round(held_s, 1), "heldout_long": round(long_s, 1)}}  # fmt: skip
+    (out / "heldout_responses.json").write_text(json.dumps(answered, indent=1) + "\n")
     timings = record.run_timings
     trials = record.trials()
     scored = [t for t in trials if t.predicted_refusals is not None and not t.screened and t.refusals is not None]
@@ -155,23 +224,10 @@ def main() -> None:
                    for t in trials],  # fmt: skip
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    best = summary["best_trial"]
-    md = [f"# Default run: `{summary['command']}`", "", f"Machine: {summary['machine']}", "",
-          "| | unedited | chosen trial |", "|---|---|---|",
-          f"| refusals, {summary['study_eval']['harmful']} study prompts | {summary['base_refusals_study_eval']} | "
-          f"{best['study_refusals']} ({best['study_refusals_verify']} at {settings.verify_response_length} tokens) |",
-          f"| refusals, 100 held-out HarmBench, {length} tokens | {summary['base_refusals_heldout']} | "
-          f"{best['heldout_refusals']} |",
-          f"| refusals, 100 held-out HarmBench, {args.long} tokens | {summary['base_refusals_heldout_long']} | "
-          f"{best['heldout_refusals_long']} |",
-          f"| over-refusal, 80 benign-edgy | {rows['base']['overrefusal']} | {rows['best_trial']['overrefusal']} |",
-          f"| KL divergence | 0 | {best['kl_divergence']:.4f} |", "",
-          f"Trial {trial} of {len(trials)} ({summary['n_pruned']} pruned, {summary['n_screened']} screened), "
-          f"batch size {batch_size}; proxy rank correlation {summary['proxy_rank_correlation']}.", "",
-          "Time (s): " + ", ".join(f"{k} {v}" for k, v in summary["timings_s"].items() if not isinstance(v, dict)),
-          ""]  # fmt: skip
-    (out / "summary.md").write_text("\n".join(md))
-    print("\n".join(md))
+    (out / "summary.md").write_text(summary_markdown(summary))
+    if not args.no_judge:
+        add_judge_check(out, args.judge_model or str(fetch_qwen(ROOT / "models", "1.5b")))
+    print((out / "summary.md").read_text())
 
 
 if __name__ == "__main__":

