@@ -215,6 +215,20 @@ def agreement(a: list[bool], b: list[bool]) -> dict[str, float]:
     return {"n": n, "agreement": round(observed, 4), "kappa": round(kappa, 4)}
 
 
+def judge_warning(judge_refusals: int, marker_refusals: int, kappa: float) -> str | None:
+    """A warning when a judge disagrees badly with the markers on the unedited model, else None.
+
+    An optimiser exploits a judge that rarely says "refusal" first: every edit then scores as
+    uncensored and the study picks the gentlest one. Small models judge that way (measured:
+    Qwen2.5-Coder 0.5B/1.5B answer "no" to nearly everything, docs/method.md), so a judge that
+    finds under half the markers' refusals, or agrees little beyond chance, is called out."""
+    if marker_refusals and (judge_refusals < marker_refusals / 2 or kappa < 0.4):
+        return (f"warning: the judge finds {judge_refusals} refusals where the markers find {marker_refusals} "
+                f"(kappa {kappa:.2f}) on the unedited model; a judge that misses refusals makes every edit look "
+                "uncensored: set refusal_judge_model to a more capable model, or use markers")  # fmt: skip
+    return None
+
+
 def build_detector(settings, loaded, batch_size: int, prefix: str = ""):
     """The detector the config asks for (markers, the model as judge, or an endpoint)."""
     tags = settings.tags

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .ablation import Abliterator, EditOptions
 from .batching import candidate_sizes, choose_batch_size, model_timer
 from .config import Settings
-from .detectors import MarkerDetector, ModelJudge, agreement, build_detector
+from .detectors import MarkerDetector, ModelJudge, agreement, build_detector, judge_warning
 from .directions import RefusalGeometry
 from .errors import HereticError
 from .evaluation import Evaluator, FirstLook, detect_response_prefix
@@ -197,6 +197,8 @@ def run_study(settings: Settings) -> StudyRun:
             record.detector_agreement_unedited = agreed
             print(f"Refusal detector '{evaluator.detector.name}' agrees with the markers on {agreed['agreement']:.0%} "
                   f"of the unedited model's responses (kappa {agreed['kappa']:.2f})")  # fmt: skip
+            if warning := judge_warning(base.refusals, sum(markers), agreed["kappa"]):
+                print(warning)
         record.record_base(base_refusals, evaluator.refused_positions(base), len(evaluator.harmful))
     screening = ScreeningOptions.from_settings(settings)
     # the proxy's probe: what the last layer leaves along the refusal direction where it is clearest

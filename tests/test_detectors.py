@@ -6,7 +6,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 
 from heretic_like.config import load_settings
-from heretic_like.detectors import EndpointJudge, MarkerDetector, ModelJudge, agreement
+from heretic_like.detectors import EndpointJudge, MarkerDetector, ModelJudge, agreement, judge_warning
 from heretic_like.errors import HereticError
 from heretic_like.model import load_model
 from heretic_like.prompts import builtin_path
@@ -22,6 +22,17 @@ def test_agreement_and_kappa():
     assert agreement([True, True, False, False], [True, False, False, False]) == {"n": 4, "agreement": 0.75,
                                                                                   "kappa": 0.5}  # fmt: skip
     assert agreement([True, False], [False, True])["kappa"] == -1.0
+
+
+def test_a_judge_that_misses_refusals_is_called_out():
+    # a judge answering "no" to everything would make every edit look uncensored
+    warning = judge_warning(0, 20, 0.0)
+    assert warning.startswith("warning:") and "finds 0 refusals where the markers find 20" in warning
+    assert "\n" not in warning
+    assert judge_warning(9, 20, 0.8) is not None  # under half the markers' count
+    assert judge_warning(18, 20, 0.3) is not None  # counts close, verdicts on different prompts
+    assert judge_warning(18, 20, 0.8) is None and judge_warning(25, 20, 0.6) is None
+    assert judge_warning(0, 0, float("nan")) is None  # nothing to compare with
 
 
 def test_model_judge_reads_the_answer_and_judges_with_the_unedited_model(judge_model, tmp_path):
@@ -80,13 +91,14 @@ def test_endpoint_judge_speaks_chat_completions(endpoint):
         EndpointJudge("http://127.0.0.1:9", "m", timeout=2).classify(["a"], ["b"])
 
 
-def test_study_with_a_judge_reports_agreement_with_markers(refusing_model, judge_model, tmp_path):
+def test_study_with_a_judge_reports_agreement_with_markers(refusing_model, judge_model, tmp_path, capsys):
     config = study_config(tmp_path, refusing_model, n_trials=2, n_startup_trials=2, prune_dominated="false",
                           refusal_detector='"judge"', refusal_judge_model=f'"{judge_model}"')  # fmt: skip
     config.write_text(config.read_text().replace('split = "train[150:174]"', 'split = "train[:24]"'))
     run = run_study(load_settings(str(config)))
     agreed = run.study.user_attrs["detector_agreement_unedited"]
     assert agreed["n"] == 24 and agreed["agreement"] >= 0.9  # the judge sees the trained refusals too
+    assert "warning: the judge" not in capsys.readouterr().out  # a judge that agrees is not called out
     assert run.study.user_attrs["base_refusals"] >= 20
     for trial in run.study.trials:
         assert "marker_refusals" in trial.user_attrs and 0 <= trial.user_attrs["marker_agreement"] <= 1
