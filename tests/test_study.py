@@ -43,6 +43,7 @@ def _wait_for_trials(proc: subprocess.Popen, tmp_path: Path, count: int, action:
             return
         assert proc.poll() is None, f"study ended before it could be {action}"
         time.sleep(0.2)
+    raise AssertionError(f"no {count} finished trials within 120 s: the study could not be {action}")
 
 
 def test_objectives_follow_the_reference_semantics():
@@ -161,8 +162,9 @@ def test_bad_prompt_file_fails_before_touching_the_study(tiny_llama, tmp_path, c
 
 
 def test_kill_nine_mid_study_then_resume(tiny_llama, tmp_path):
-    # Many trials: pruned trials take milliseconds, so a short study could end before the signal.
-    config = study_config(tmp_path, tiny_llama, n_trials=2000, max_response_length=24)
+    # More trials than can finish before the signal: pruned trials take milliseconds (a CI run
+    # finished 2,000 in 71 s while the journal was still being polled).
+    config = study_config(tmp_path, tiny_llama, n_trials=1_000_000, max_response_length=24)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "heretic_like", "--config", str(config)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -220,8 +222,9 @@ def test_failed_first_run_does_not_block_the_corrected_one(tiny_llama, tmp_path,
 
 
 def test_ctrl_c_mid_study_exits_cleanly_then_resumes(tiny_llama, tmp_path):
-    # Many trials: pruned trials take milliseconds, so a short study could end before the signal.
-    config = study_config(tmp_path, tiny_llama, n_trials=2000, max_response_length=24)
+    # More trials than can finish before the signal: pruned trials take milliseconds (a CI run
+    # finished 2,000 in 71 s while the journal was still being polled).
+    config = study_config(tmp_path, tiny_llama, n_trials=1_000_000, max_response_length=24)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "heretic_like", "--config", str(config)]
     log = tmp_path / "stderr.log"  # a file, not a pipe: a full pipe would stall the child
@@ -414,7 +417,7 @@ def test_a_live_workers_running_trial_is_never_failed_by_another_process(tiny_ll
 
     from heretic_like.store import fail_stale_trials
 
-    config = study_config(tmp_path, tiny_llama, n_trials=2000, max_response_length=24)
+    config = study_config(tmp_path, tiny_llama, n_trials=1_000_000, max_response_length=24)  # it must not end
     cmd = [sys.executable, "-m", "heretic_like", "--config", str(config)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
