@@ -1,4 +1,5 @@
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -34,12 +35,16 @@ def _completed(journal: Path) -> list[int]:
     return sorted(t.number for t in study.trials if t.state.name in ("COMPLETE", "PRUNED"))
 
 
-def _wait_for_trials(proc: subprocess.Popen, tmp_path: Path, count: int, action: str) -> None:
-    """Poll the study journal (up to 120 s) until `count` trials have finished in `proc`."""
+def _wait_for_trials(proc: subprocess.Popen, log: Path, count: int, action: str) -> None:
+    """Wait (up to 120 s) until `proc`'s progress bar in `log` shows `count` finished trials.
+
+    The bar, not the journal: reading the journal while the study appends to it back to back
+    can wait on its lock until the study ends (seen in CI: 2,000 trials done before one poll)."""
     deadline = time.time() + 120
     while time.time() < deadline:
-        journals = list((tmp_path / "checkpoints").glob("*.journal"))
-        if journals and len(_completed(journals[0])) >= count:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        shown = [int(n) for n in re.findall(r"trials:\s*\d+%\|[^|]*\|\s*(\d+)/\d+", text)]
+        if shown and max(shown) >= count:
             return
         assert proc.poll() is None, f"study ended before it could be {action}"
         time.sleep(0.2)
@@ -167,9 +172,11 @@ def test_kill_nine_mid_study_then_resume(tiny_llama, tmp_path):
     config = study_config(tmp_path, tiny_llama, n_trials=1_000_000, max_response_length=24)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "heretic_like", "--config", str(config)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "stderr.log"  # a file, not a pipe: a full pipe would stall the child
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
     try:
-        _wait_for_trials(proc, tmp_path, 2, "killed")
+        _wait_for_trials(proc, log, 2, "killed")
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -230,9 +237,14 @@ def test_ctrl_c_mid_study_exits_cleanly_then_resumes(tiny_llama, tmp_path):
     log = tmp_path / "stderr.log"  # a file, not a pipe: a full pipe would stall the child
     with log.open("w") as stderr:
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
-        _wait_for_trials(proc, tmp_path, 1, "interrupted")
+    try:
+        _wait_for_trials(proc, log, 1, "interrupted")
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:  # never leave a million-trial study running after a failure
+            proc.kill()
+            proc.wait()
     err = log.read_text()
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted: finished trials are saved" in err and "Traceback" not in err
@@ -417,11 +429,13 @@ def test_a_live_workers_running_trial_is_never_failed_by_another_process(tiny_ll
 
     from heretic_like.store import fail_stale_trials
 
-    config = study_config(tmp_path, tiny_llama, n_trials=1_000_000, max_response_length=24)  # it must not end
+    config = study_config(tmp_path, tiny_llama, n_trials=2000, max_response_length=24)
     cmd = [sys.executable, "-m", "heretic_like", "--config", str(config)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "stderr.log"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=stderr)
     try:
-        _wait_for_trials(proc, tmp_path, 1, "checked")
+        _wait_for_trials(proc, log, 1, "checked")
         checked = 0
         for _ in range(20):  # trials run back to back: catch some while they are RUNNING
             study = load_existing_study(str(_journal(tmp_path)), None)
