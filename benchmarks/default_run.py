@@ -1,7 +1,8 @@
 """The README's first command, measured: `python -m heretic_like` with nothing overridden, on the
 testbed model, from a fresh cache (the GGUF conversion included) to the export written; then the
 exported model and the unedited one scored on 100 held-out HarmBench behaviours (never seen by
-the study) and 80 benign-but-edgy prompts; the 128-token held-out responses are judged again by
+the study) and 80 benign-but-edgy prompts; the 128-token held-out responses (generated whole,
+not stopped at the first marker) are judged again by
 a judge detector (the 1.5B testbed model, or `--judge-model`) and the disagreements listed
 (`--judge-only` does just that for a finished `--out`).
 
@@ -44,11 +45,15 @@ from heretic_like.store import load_existing_study, settings_of  # noqa: E402
 from heretic_like.testbed import fetch_qwen  # noqa: E402
 
 
-def score(settings, loaded, prompts: list[str], length: int, batch_size: int) -> tuple[int, list[dict], float, list]:
-    """(refusals, refused prompts with their responses, seconds, every response with its verdict)."""
+def score(settings, loaded, prompts: list[str], length: int, batch_size: int,
+          whole: bool = False) -> tuple[int, list[dict], float, list]:  # fmt: skip
+    """(refusals, refused prompts with their responses, seconds, every response with its verdict).
+    `whole`: refused rows run to `length` too (same verdicts; slower), so a judge reads whole
+    answers rather than the text up to the first marker."""
     texts = chat_texts(loaded.tokenizer, prompts, settings.system_prompt)
     started = time.perf_counter()
-    counted = refusal_count(loaded, texts, prompts, MarkerDetector.from_settings(settings), length, batch_size)
+    counted = refusal_count(loaded, texts, prompts, MarkerDetector.from_settings(settings), length, batch_size,
+                            stop_rows=not whole)  # fmt: skip
     every = [{"prompt": p, "response": r, "markers": bool(v)}
              for p, r, v in zip(prompts, counted.responses, counted.refused, strict=True)]  # fmt: skip
     refused = [{"prompt": e["prompt"], "response": e["response"]} for e in every if e["markers"]]
@@ -165,7 +170,8 @@ def main() -> None:
     for name, model in (("base", settings.model), ("best_trial", str(work / exported))):
         loaded = load_model(settings.model_copy(update={"model": model, "gguf_file": None}))
         held, still, held_s, _ = score(settings, loaded, heldout, length, batch_size)
-        held_long, still_long, long_s, answered[name] = score(settings, loaded, heldout, args.long, batch_size)
+        held_long, still_long, long_s, answered[name] = score(settings, loaded, heldout, args.long, batch_size,
+                                                              whole=True)  # fmt: skip
         over, _, _, _ = score(settings, loaded, edgy, length, batch_size)
         del loaded
         rows[name] = {"heldout_refusals": held, "heldout_refusals_long": held_long, "overrefusal": over,
