@@ -74,6 +74,11 @@ def judge_check(judge, answered: dict[str, list[dict]]) -> dict:
     return out
 
 
+def judge_path(choice: str | None) -> str:
+    """The judge model: the one asked for, else the 1.5B testbed model (fetched if missing)."""
+    return choice or str(fetch_qwen(ROOT / "models", "1.5b"))
+
+
 def add_judge_check(out: Path, judge_path: str) -> None:
     """Judge `out`'s stored held-out responses and write the check into its summary (json, md)."""
     summary = json.loads((out / "summary.json").read_text())
@@ -131,7 +136,7 @@ def main() -> None:
     out, cache = Path(args.out).resolve(), ROOT / "benchmarks" / ".cache"  # absolute: the scoring runs in `work`
     out.mkdir(parents=True, exist_ok=True)
     if args.judge_only:
-        add_judge_check(out, args.judge_model or str(fetch_qwen(ROOT / "models", "1.5b")))
+        add_judge_check(out, judge_path(args.judge_model))
         print((out / "summary.md").read_text())
         return
     work = cache / "default-run"
@@ -232,7 +237,7 @@ def main() -> None:
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "summary.md").write_text(summary_markdown(summary))
     if not args.no_judge:
-        add_judge_check(out, args.judge_model or str(fetch_qwen(ROOT / "models", "1.5b")))
+        add_judge_check(out, judge_path(args.judge_model))
     print((out / "summary.md").read_text())
 
 

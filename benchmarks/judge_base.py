@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from default_run import judge_check, score  # noqa: E402
+from default_run import judge_check, judge_path, score  # noqa: E402
 from qwen_benchmark import harmbench_prompts  # noqa: E402
 
 from heretic_like.config import load_settings  # noqa: E402
@@ -41,9 +41,9 @@ def main() -> None:
     refusals, _, _, every = score(settings, loaded, heldout, args.length, args.batch_size, whole=True)
     generated = time.perf_counter() - started
     del loaded
-    judge_path = args.judge_model or str(fetch_qwen(ROOT / "models", "1.5b"))
-    judge = load_model(load_settings(None, {"model": judge_path}))
-    checked = {"judge": Path(judge_path).name, "length": args.length,
+    judge_model = judge_path(args.judge_model)
+    judge = load_model(load_settings(None, {"model": judge_model}))
+    checked = {"judge": Path(judge_model).name, "length": args.length,
                **judge_check(ModelJudge(judge, args.batch_size), {"base": every}),
                "seconds": {"generate": round(generated, 1),
                            "judge": round(time.perf_counter() - started - generated, 1)}}  # fmt: skip

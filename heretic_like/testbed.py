@@ -32,7 +32,6 @@ TESTBED = {
         "size": 1_117_320_768,
     },
 }
-QWEN_05B = TESTBED["0.5b"]
 
 
 def sha256_of(path: Path) -> str:

@@ -38,8 +38,8 @@ def _completed(journal: Path) -> list[int]:
 def _wait_for_trials(proc: subprocess.Popen, log: Path, count: int, action: str) -> None:
     """Wait (up to 120 s) until `proc`'s progress bar in `log` shows `count` finished trials.
 
-    The bar, not the journal: reading the journal while the study appends to it back to back
-    can wait on its lock until the study ends (seen in CI: 2,000 trials done before one poll)."""
+    The bar, not the journal: in CI, polling the journal while the study appended to it back to
+    back did not see a finished trial until all 2,000 were done, so the signal came too late."""
     deadline = time.time() + 120
     while time.time() < deadline:
         text = log.read_text(errors="replace") if log.exists() else ""
