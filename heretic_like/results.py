@@ -104,6 +104,10 @@ def choose_trial(table: pd.DataFrame, rule: ExportRule) -> Choice | None:
     row = scored.sort_values(["_score", "refusals", "kl_divergence", "trial"]).iloc[0]
     reason = (f"lowest refusals/{base} + KL/{rule.kl_exchange} = {row['_score']:.3f} among the {len(within)} "
               f"trials with KL <= {rule.kl_limit} (export_rule = balanced){counted}")  # fmt: skip
+    # Compare with the fewest *counted alike*: an uncounted front trial's short count is only a
+    # lower bound, and "2 fewer refusals" read off one would flatter the trial not chosen.
+    alike = within[within["counted_long"] == row["counted_long"]]
+    fewest = alike.sort_values(["refusals", "kl_divergence", "trial"]).iloc[0]
     if int(fewest["trial"]) != int(row["trial"]):
         reason += (f"; trial {int(fewest['trial'])} has {int(row['refusals'] - fewest['refusals'])} fewer refusals "
                    f"but {fewest['kl_divergence'] / max(row['kl_divergence'], 1e-12):.1f}x the KL "
@@ -119,12 +123,13 @@ def long_counted(table: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     choose it even at its short count, a lower bound) keeps its short count."""
     front = pareto_front(table)
     if "refusals_long" not in table or front.empty or front["refusals_long"].isna().all():
-        return table, ""
+        return table.assign(counted_long=False), ""
     counted = front["refusals_long"].notna()
     note = "; refusals counted with long responses"
     if not counted.all():
         note += f" ({int(counted.sum())} of the front's {len(front)}: the rule could not pick the others)"
-    return front.assign(refusals=front["refusals_long"].fillna(front["refusals"]).astype(int)), note
+    return front.assign(refusals=front["refusals_long"].fillna(front["refusals"]).astype(int),
+                        counted_long=counted), note
 
 
 def recount_order(front: pd.DataFrame, rule: ExportRule) -> list[tuple[int, float]]:

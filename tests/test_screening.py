@@ -164,6 +164,16 @@ def test_export_rule_reads_the_long_counts_on_the_front():
     assert short.trial == 1
 
 
+def test_the_balanced_reason_compares_with_a_trial_counted_alike():
+    """A front trial the recount skipped has only a short count (a lower bound): the reason's "n
+    fewer refusals" comparison must not read it against the chosen trial's long count."""
+    table = pd.DataFrame({"trial": [0, 1, 2], "refusals": [1, 3, 2], "kl_divergence": [0.08, 0.02, 0.05],
+                          "refusals_long": pd.array([None, 4, 2], dtype="Int64")})  # fmt: skip
+    choice = choose_trial(table, ExportRule("balanced", 0.1, 0.2, 20))
+    assert choice.trial == 1
+    assert "trial 2 has 2 fewer refusals but 2.5x the KL" in choice.reason and "trial 0" not in choice.reason
+
+
 @given(st.lists(st.tuples(st.integers(0, 30), st.floats(0.0, 0.2), st.integers(0, 10)), min_size=1, max_size=12),
        st.sampled_from(["balanced", "fewest_refusals"]))
 def test_recounting_the_front_best_bound_first_picks_what_recounting_all_would(rows, rule_name):
