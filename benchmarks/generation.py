@@ -38,6 +38,7 @@ from heretic_like.generation import (  # noqa: E402
     left_padded,
     shared_prefix_length,
 )
+from heretic_like.kv_cache import with_cache  # noqa: E402
 from heretic_like.model import chat_texts, load_model  # noqa: E402
 from heretic_like.testbed import fetch_qwen  # noqa: E402
 
@@ -59,7 +60,8 @@ def run(loaded, rows: list[list[int]], tokens: int, batch_size: int, chunk_rows:
             batch = {"input_ids": ids, "attention_mask": mask}
         else:
             ids, mask = prefix.batch(chunk)
-            batch = {"input_ids": ids, "attention_mask": mask, "past_key_values": prefix.prefill(chunk, chunk_rows)}
+            batch = with_cache(loaded.model, {"input_ids": ids, "attention_mask": mask},
+                               prefix.prefill(chunk, chunk_rows))
         clock = Clock()
         out = loaded.model.generate(**batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
                                     pad_token_id=tokenizer.pad_token_id,

@@ -25,6 +25,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .generation import PREFILL_ROWS, SharedPrefix
+from .kv_cache import with_cache
 from .model import LoadedModel
 
 GPU_MEMORY_SHARE = 0.85  # a size whose probe peaks above this share of device memory is not taken
@@ -145,7 +146,7 @@ def model_timer(loaded: LoadedModel, texts: list[str], tokens: int, steps: int =
             cache = copy.deepcopy(cache)
             if repeat > 1:
                 cache.batch_repeat_interleave(repeat)
-            batch["past_key_values"] = cache
+            with_cache(loaded.model, batch, cache)
         clock = Clock()
         started = time.perf_counter()
         loaded.model.generate(**batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 from transformers.cache_utils import DynamicLayer
 
+from .kv_cache import output_cache, with_cache
 from .model import LoadedModel
 
 
@@ -82,8 +83,8 @@ class SharedPrefix:
         self.cache = None
         self.packable = _plain_cache(loaded.model.config)
         if self.length:
-            self.cache = loaded.model(torch.tensor([self.ids], device=loaded.device), use_cache=True,
-                                      logits_to_keep=1).past_key_values  # fmt: skip
+            self.cache = output_cache(loaded.model(torch.tensor([self.ids], device=loaded.device), use_cache=True,
+                                                   logits_to_keep=1))  # fmt: skip
 
     def batch_cache(self, rows: int):
         """A fresh copy of the prefix's KV cache for a batch of `rows` (generation appends to it)."""
@@ -104,7 +105,7 @@ class SharedPrefix:
         tokens only, left-padded, from a copy of the prefix's cache."""
         ids, mask = self.batch(rows)
         if self.length:
-            kwargs["past_key_values"] = self.batch_cache(len(rows))
+            with_cache(self.loaded.model, kwargs, self.batch_cache(len(rows)))
             kwargs["position_ids"] = positions(mask)[:, self.length :]
             ids = ids[:, self.length :]
         return self.loaded.model(input_ids=ids, attention_mask=mask, **kwargs)
@@ -149,7 +150,7 @@ class SharedPrefix:
         order = sorted((i for i in range(n) if own[i] and i not in known), key=lambda i: own[i])
         for start in range(0, len(order), chunk_rows):
             index = order[start : start + chunk_rows]
-            cache = self.forward([rows[i][:-1] for i in index], use_cache=True, logits_to_keep=1).past_key_values
+            cache = output_cache(self.forward([rows[i][:-1] for i in index], use_cache=True, logits_to_keep=1))
             if not _plain_layers(cache):
                 self.packable = False
                 return None
@@ -214,8 +215,8 @@ def first_token_look(loaded: LoadedModel, texts: list[str], batch_size: int, lay
                 if residuals is None:
                     residuals = torch.empty(len(rows), seen[-1].shape[1])
                 residuals[index] = seen.pop()
-            if wanted and _plain_layers(output.past_key_values):
-                prefilled.update(_row_caches(output.past_key_values, [rows[i] for i in index], prefix.length,
+            if wanted and _plain_layers(output_cache(output)):
+                prefilled.update(_row_caches(output_cache(output), [rows[i] for i in index], prefix.length,
                                              [i in keep for i in index]))  # fmt: skip
     finally:
         if handle is not None:
@@ -318,7 +319,7 @@ def generate_batches(
         batch = {"input_ids": ids, "attention_mask": mask}
         cache = prefix.generation_cache(chunk)
         if cache is not None:
-            batch["past_key_values"] = cache
+            with_cache(loaded.model, batch, cache)
         prompt_length = ids.shape[1]
         limit = budget() if budget else None
         watch = detector is not None and getattr(detector, "streaming", False) and (stop_rows or limit is not None)

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from heretic_like.detectors import MarkerDetector, is_refusal, normalize_text, strip_thinking
 from heretic_like.evaluation import Evaluator, count_refusals, detect_response_prefix, kl_divergence
 from heretic_like.generation import batch_sizes, first_token_logprobs, leading_rows
+from heretic_like.kv_cache import output_cache
 from heretic_like.model import chat_texts, load_model
 from tests.test_model import settings_for
 
@@ -140,8 +141,8 @@ def test_generation_from_the_shared_prefix_cache_equals_plain_generate(refusing_
     ids, mask = prefix.batch(rows[:5])
     with torch.inference_mode():
         positions = (mask[:, :-1].cumsum(-1) - 1).clamp(min=0)  # as `generate` derives them
-        reference = loaded.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions,
-                                 use_cache=True).past_key_values  # fmt: skip
+        reference = output_cache(loaded.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
+                                              position_ids=positions, use_cache=True))  # fmt: skip
     for chunk_rows in (1, 2, 8):
         packed = prefix.prefill(rows[:5], chunk_rows)
         assert packed.get_seq_length() == ids.shape[1] - 1
