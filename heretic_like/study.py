@@ -26,6 +26,7 @@ from .errors import HereticError
 from .evaluation import Evaluator, FirstLook, detect_response_prefix
 from .generation import generate
 from .geometry import GeometryOptions, cached_geometry, compute_geometry
+from .interrupts import noting_interrupts, stop_if_interrupted
 from .model import LoadedModel, chat_texts, load_model, matches_fingerprint, model_fingerprint
 from .prompts import PromptSets, load_all_prompts
 from .records import FINISHED, StudyRecord, TrialRecord, response_prefix_of
@@ -275,10 +276,12 @@ def run_study(settings: Settings) -> StudyRun:
         bar = tqdm(total=settings.n_trials, initial=done, desc="trials", unit="trial")
         started = time.perf_counter()
         try:
-            study.optimize(objective, n_trials=remaining, callbacks=[
-                optuna.study.MaxTrialsCallback(settings.n_trials, states=FINISHED),
-                lambda *_: bar.update(1),
-            ])  # fmt: skip
+            with noting_interrupts() as interrupts:
+                study.optimize(objective, n_trials=remaining, callbacks=[
+                    optuna.study.MaxTrialsCallback(settings.n_trials, states=FINISHED),
+                    lambda *_: bar.update(1),
+                    stop_if_interrupted(interrupts),  # a Ctrl-C a finaliser swallowed (interrupts.py)
+                ])  # fmt: skip
         finally:
             bar.close()
             timings["trials"] = time.perf_counter() - started
