@@ -240,7 +240,10 @@ def test_ctrl_c_mid_study_exits_cleanly_then_resumes(tiny_llama, tmp_path):
     try:
         _wait_for_trials(proc, log, 1, "interrupted")
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=180)
+        try:
+            proc.wait(timeout=180)
+        except subprocess.TimeoutExpired:  # say where the study was, not only that it ran on
+            pytest.fail("the study ran on 180 s after Ctrl-C; its stderr ends:\n" + log.read_text()[-3000:])
     finally:
         if proc.poll() is None:  # never leave a million-trial study running after a failure
             proc.kill()
