@@ -17,7 +17,16 @@ class SignalsWhileFinalised:
             total += i
 
 
-def test_a_ctrl_c_swallowed_by_a_finaliser_is_raised_at_the_next_trial_boundary(monkeypatch):
+@pytest.fixture
+def python_ctrl_c():
+    """Python's own Ctrl-C handling, even where the suite was started with SIGINT ignored (a shell
+    running it in the background); the handler found is put back after."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_a_ctrl_c_swallowed_by_a_finaliser_is_raised_at_the_next_trial_boundary(python_ctrl_c, monkeypatch):
     dropped = []  # what Python reports as "Exception ignored in ..."
     monkeypatch.setattr(sys, "unraisablehook", lambda report: dropped.append(report.exc_type))
     with noting_interrupts() as noted:
@@ -30,7 +39,16 @@ def test_a_ctrl_c_swallowed_by_a_finaliser_is_raised_at_the_next_trial_boundary(
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
-def test_without_a_ctrl_c_the_callback_does_nothing():
+def test_without_a_ctrl_c_the_callback_does_nothing(python_ctrl_c):
     with noting_interrupts() as noted:
         stop_if_interrupted(noted)(None, None)
     assert noted == []
+
+
+def test_an_ignored_sigint_stays_ignored():
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # `nohup`: the user asked for it
+    try:
+        with noting_interrupts():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)

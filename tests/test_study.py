@@ -236,7 +236,10 @@ def test_ctrl_c_mid_study_exits_cleanly_then_resumes(tiny_llama, tmp_path):
     cmd = [sys.executable, "-m", "heretic_like", "--config", str(config)]
     log = tmp_path / "stderr.log"  # a file, not a pipe: a full pipe would stall the child
     with log.open("w") as stderr:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        # SIG_DFL in the child: a shell that runs the suite in the background hands it SIGINT
+        # ignored, and Python then never turns Ctrl-C into KeyboardInterrupt (as a user's nohup wants)
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         _wait_for_trials(proc, log, 1, "interrupted")
         proc.send_signal(signal.SIGINT)
