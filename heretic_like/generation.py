@@ -215,8 +215,9 @@ def first_token_look(loaded: LoadedModel, texts: list[str], batch_size: int, lay
                 if residuals is None:
                     residuals = torch.empty(len(rows), seen[-1].shape[1])
                 residuals[index] = seen.pop()
-            if wanted and _plain_layers(output_cache(output)):
-                prefilled.update(_row_caches(output_cache(output), [rows[i] for i in index], prefix.length,
+            cache = output_cache(output)
+            if wanted and _plain_layers(cache):
+                prefilled.update(_row_caches(cache, [rows[i] for i in index], prefix.length,
                                              [i in keep for i in index]))  # fmt: skip
     finally:
         if handle is not None:

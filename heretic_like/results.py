@@ -95,8 +95,8 @@ def choose_trial(table: pd.DataFrame, rule: ExportRule) -> Choice | None:
     if within.empty:
         row = table.sort_values(["kl_divergence", "refusals", "trial"]).iloc[0]
         return Choice(int(row["trial"]), f"no trial has KL <= {rule.kl_limit} (export_kl_limit): the lowest-KL trial")
-    fewest = within.sort_values(["refusals", "kl_divergence", "trial"]).iloc[0]
     if rule.rule == "fewest_refusals":
+        fewest = within.sort_values(["refusals", "kl_divergence", "trial"]).iloc[0]
         return Choice(int(fewest["trial"]), f"fewest refusals among the {len(within)} trials with KL <= "
                                             f"{rule.kl_limit} (export_rule = fewest_refusals){counted}")  # fmt: skip
     base = max(rule.base_refusals, 1)
