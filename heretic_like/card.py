@@ -102,7 +102,7 @@ def model_card(settings: Settings, study: optuna.Study, trial: TrialRecord, edit
         rows.append(("entangled_strength", f"{edit.entangled_strength:.3f}"))
     for component, kernel in edit.kernels.items():
         for key, value in vars(kernel).items():
-            rows.append((f"{component}.{key}", f"{value:.2f}"))
+            rows.append((f"{component}.{key}", value if isinstance(value, str) else f"{value:.2f}"))
     params = "\n".join(f"| {k} | {v} |" for k, v in rows)
     long, length = "", settings.verify_response_length
     long_count = record.long_refusals(trial.number, length)

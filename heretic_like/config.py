@@ -109,6 +109,7 @@ class SearchSpace(_Strict):
     max_weight_position: Range
     min_weight: Range
     min_weight_distance: Range
+    kernel_shape: list[Literal["tent", "cosine", "exponential"]] = Field(min_length=1)
     entangled_strength: Range
     top_quality_layers: int = Field(ge=0)
     seed_best_layer: bool

@@ -30,9 +30,14 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
             row["entangled_strength"] = round(edit["entangled_strength"], 3)
         for component, kernel in edit.get("kernels", {}).items():
             for key, value in kernel.items():
-                row[f"{component}.{key}"] = round(value, 2)
+                if key != "shape":
+                    row[f"{component}.{key}"] = round(value, 2)
+                elif value != "tent":  # a column only when the study searched shapes
+                    row[f"{component}.shape"] = value
         rows.append(row)
     table = pd.DataFrame(rows)
+    for column in [c for c in table.columns if c.endswith(".shape")]:
+        table[column] = table[column].fillna("tent")
     if "refusals_long" in table:
         table["refusals_long"] = table["refusals_long"].astype("Int64")  # absent off the front
     return table

@@ -44,7 +44,10 @@ def sample_edit(trial: optuna.Trial, space: SearchSpace, geometry: RefusalGeomet
         fraction = trial.suggest_float(f"{c}.min_weight_fraction", space.min_weight.low, space.min_weight.high)
         distance = trial.suggest_float(f"{c}.min_weight_distance", space.min_weight_distance.low * last,
                                        space.min_weight_distance.high * last)  # fmt: skip
-        kernels[c] = Kernel(max_weight, position, fraction * max_weight, distance)
+        shape = space.kernel_shape[0]
+        if len(space.kernel_shape) > 1:
+            shape = trial.suggest_categorical(f"{c}.kernel_shape", space.kernel_shape)
+        kernels[c] = Kernel(max_weight, position, fraction * max_weight, distance, shape)
     strength = 1.0
     if entanglement_aware:
         strength = trial.suggest_float("entangled_strength", space.entangled_strength.low,

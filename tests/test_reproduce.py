@@ -6,16 +6,25 @@ import torch
 from heretic_like.cli import main
 from heretic_like.config import load_settings
 from heretic_like.provenance import read_record, weight_hashes
+from heretic_like.results import trials_table
+from heretic_like.store import load_existing_study
 from heretic_like.study import run_study
 from tests.conftest import study_config
 
 
 def test_reproduce_rebuilds_bit_identical_weights(tiny_llama, tmp_path, capsys):
     config = study_config(tmp_path, tiny_llama, n_trials=3, export_trial=1, directions_per_layer=2,
-                          prune_dominated="false", export_dir=f'"{tmp_path / "export"}"')  # fmt: skip
+                          prune_dominated="false", export_dir=f'"{tmp_path / "export"}"',
+                          search='kernel_shape = ["tent", "cosine", "exponential"]\n')  # fmt: skip
     assert main(["--config", str(config)]) == 0
     record_path = tmp_path / "export" / "reproduce.json"
     record = read_record(record_path)
+    shapes = {k["shape"] for k in record["edit"]["kernels"].values()}  # sampled per component
+    assert shapes <= {"tent", "cosine", "exponential"}
+    study = load_existing_study(str(next((tmp_path / "checkpoints").glob("*.journal"))), None)
+    table = trials_table(study)  # the shape is a column of the trials table, one per component
+    assert set(table["attn.o_proj.shape"]) <= {"tent", "cosine", "exponential"}
+    assert all("mlp.down_proj.kernel_shape" in t.params for t in study.trials)
     assert record["trial"] == 1 and record["seed"] == 1
     assert record["batch_size"] == 8  # the directions' batch (directions_batch_size), not the scoring one (32)
     assert set(record["prompt_fingerprints"]) >= {"bad_prompts", "good_prompts"}

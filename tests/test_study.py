@@ -321,7 +321,7 @@ def test_study_from_an_older_version_resumes_when_new_keys_keep_defaults(tiny_ll
     old = dict(study.user_attrs["identity"])
     for key in ("row_normalization", "directions_per_layer", "capability_prompts"):  # keys added later
         old.pop(key)
-    old["search"] = {k: v for k, v in old["search"].items() if k != "entangled_strength"}
+    old["search"] = {k: v for k, v in old["search"].items() if k not in ("entangled_strength", "kernel_shape")}
     old.pop("ignore_echoed_markers")  # added later, with a default that changes how refusals count
     study.set_user_attr("identity", old)
     settings = load_settings(str(config), {"ignore_echoed_markers": False})
