@@ -47,6 +47,9 @@ class Kernel:
         if self.min_weight_distance <= 0:
             raise ValueError("min_weight_distance must be > 0")
         distance = (torch.arange(num_layers, dtype=torch.float64) - self.max_weight_position).abs()
-        x = (distance / self.min_weight_distance).clamp(max=1.0)
-        weights = self.min_weight + (self.max_weight - self.min_weight) * falloff(self.shape, x)
+        if self.shape == "tent":  # the formula of earlier versions, so their records rebuild bit for bit
+            weights = self.max_weight + (self.min_weight - self.max_weight) / self.min_weight_distance * distance
+        else:
+            x = (distance / self.min_weight_distance).clamp(max=1.0)
+            weights = self.min_weight + (self.max_weight - self.min_weight) * falloff(self.shape, x)
         return torch.where(distance <= self.min_weight_distance, weights, torch.zeros_like(weights))

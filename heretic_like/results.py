@@ -32,7 +32,7 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
             for key, value in kernel.items():
                 if key != "shape":
                     row[f"{component}.{key}"] = round(value, 2)
-                elif value != "tent":  # a column only when the study searched shapes
+                elif value != "tent":  # a column only when some trial's kernel is not a tent
                     row[f"{component}.shape"] = value
         rows.append(row)
     table = pd.DataFrame(rows)
