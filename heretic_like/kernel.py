@@ -43,6 +43,11 @@ class Kernel:
     min_weight_distance: float
     shape: str = "tent"  # studies from before kernel shapes stored no shape: they were tents
 
+    def __post_init__(self) -> None:
+        # a record from a newer version, or edited by hand, fails on reading, not after the model loads
+        if self.shape not in KERNEL_SHAPES:
+            raise ValueError(f"unknown kernel shape {self.shape!r} (expected one of {', '.join(KERNEL_SHAPES)})")
+
     def weights(self, num_layers: int) -> torch.Tensor:
         if self.min_weight_distance <= 0:
             raise ValueError("min_weight_distance must be > 0")

@@ -25,6 +25,10 @@ def reproduce(path: str | Path, out_dir: str | Path | None = None, overrides: di
     False: they differ; None: the record has no hashes to compare with."""
     path = Path(path)
     record = read_record(path)
+    try:
+        edit = Edit.from_dict(record["edit"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise HereticError(f"{path}: the recorded edit cannot be read ({exc})") from None
     settings = stored_settings(record["config"], f"{path} config", overrides)
     changed = {k: (v, record.get("packages", {}).get(k)) for k, v in package_versions().items()
                if record.get("packages", {}).get(k) != v}  # fmt: skip
@@ -43,7 +47,6 @@ def reproduce(path: str | Path, out_dir: str | Path | None = None, overrides: di
                            "(weights or config differ); point --model at the original")  # fmt: skip
     geometry = measure_geometry(GeometryOptions.from_settings(settings), loaded, prompts, int(record["batch_size"]),
                                 record["response_prefix"] or "")  # fmt: skip
-    edit = Edit.from_dict(record["edit"])
     abliterator = Abliterator(loaded, list(edit.kernels), geometry, EditOptions.from_settings(settings))
     out = Path(out_dir) if out_dir else path.parent / f"{record['study_name']}-trial{record['trial']}-reproduced"
     print(f"Rebuilding trial {record['trial']} of study '{record['study_name']}' into {out} ...", flush=True)

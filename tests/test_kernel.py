@@ -1,3 +1,5 @@
+from typing import get_args
+
 import optuna
 import pytest
 import torch
@@ -57,9 +59,16 @@ def test_cosine_is_flat_topped_and_exponential_is_peaked():
     assert 1 - falloff("cosine", step) < 1e-5 and 1 - falloff("tent", step) == pytest.approx(1e-3)
 
 
-def test_unknown_shape_is_named():
+def test_unknown_shape_is_named_on_construction():
     with pytest.raises(ValueError, match="'gauss'"):
-        Kernel(1.0, 0.0, 0.0, 2.0, "gauss").weights(3)
+        Kernel(1.0, 0.0, 0.0, 2.0, "gauss")
+    with pytest.raises(ValueError, match="'gauss'"):
+        falloff("gauss", torch.zeros(1))
+
+
+def test_config_offers_exactly_the_shapes_the_kernel_knows():
+    (literal,) = get_args(SearchSpace.model_fields["kernel_shape"].annotation)
+    assert get_args(literal) == KERNEL_SHAPES
 
 
 def test_edits_stored_before_shapes_load_as_tents():

@@ -70,6 +70,14 @@ def test_reproduce_refuses_other_prompts_and_bad_records(tiny_llama, tmp_path, c
     broken.write_text(json.dumps({"record_version": 1, "config": {}}))
     assert main(["reproduce", str(broken)]) == 2
     assert "missing key" in capsys.readouterr().err
+    # A kernel shape this version does not know: one line naming it, before any model is loaded.
+    record = read_record(record_path)
+    record["edit"]["kernels"]["attn.o_proj"]["shape"] = "gauss"
+    broken.write_text(json.dumps(record))
+    assert main(["reproduce", str(broken), "--out", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err
+    assert "recorded edit cannot be read" in err and "'gauss'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "y").exists()
 
 
 def test_seed_makes_trials_deterministic(tiny_llama, tmp_path):
