@@ -29,7 +29,11 @@ def falloff(shape: str, x: torch.Tensor) -> torch.Tensor:
     if shape == "exponential":
         edge = math.exp(-_EXPONENTIAL_RATE)
         return ((-_EXPONENTIAL_RATE * x).exp() - edge) / (1 - edge)
-    raise ValueError(f"unknown kernel shape {shape!r} (expected one of {', '.join(KERNEL_SHAPES)})")
+    raise unknown_shape(shape)
+
+
+def unknown_shape(shape: str) -> ValueError:
+    return ValueError(f"unknown kernel shape {shape!r} (expected one of {', '.join(KERNEL_SHAPES)})")
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,7 @@ class Kernel:
     def __post_init__(self) -> None:
         # a record from a newer version, or edited by hand, fails on reading, not after the model loads
         if self.shape not in KERNEL_SHAPES:
-            raise ValueError(f"unknown kernel shape {self.shape!r} (expected one of {', '.join(KERNEL_SHAPES)})")
+            raise unknown_shape(self.shape)
 
     def weights(self, num_layers: int) -> torch.Tensor:
         if self.min_weight_distance <= 0:
