@@ -177,6 +177,7 @@ class Settings(_Strict):
     # --- directions and edits ---
     orthogonalize_direction: bool
     winsorization_quantile: float = Field(gt=0, le=1)
+    filter_direction_prompts: bool
     row_normalization: Literal["none", "pre", "full"]
     full_normalization_lora_rank: int = Field(ge=1, le=64)
     biproject_direction: bool
@@ -250,7 +251,7 @@ class Settings(_Strict):
         "max_response_length", "kl_divergence_scale", "kl_divergence_target", "refusal_markers",
         "ignore_echoed_markers", "unanswered_is_refusal", "refusal_detector", "refusal_judge_model",
         "refusal_judge_url",
-        "orthogonalize_direction", "winsorization_quantile", "row_normalization",
+        "orthogonalize_direction", "winsorization_quantile", "filter_direction_prompts", "row_normalization",
         "full_normalization_lora_rank", "biproject_direction", "directions_per_layer", "direction_candidates",
         "entanglement_threshold", "search", "good_prompts", "bad_prompts", "good_evaluation_prompts",
         "bad_evaluation_prompts", "capability_prompts",

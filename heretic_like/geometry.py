@@ -9,9 +9,12 @@ from pathlib import Path
 import torch
 
 from .config import Settings
+from .detectors import Detector
 from .directions import RefusalGeometry, collect_residuals, measure, winsorize
-from .model import LoadedModel
-from .prompts import PromptSets
+from .errors import HereticError
+from .evaluation import refusal_count
+from .model import LoadedModel, chat_texts
+from .prompts import CONFIG_NAMES, PromptSets
 from .store import directions_path
 
 
@@ -51,13 +54,57 @@ def cached_geometry(options: GeometryOptions, num_layers: int) -> RefusalGeometr
     return geometry if geometry.num_layers == num_layers else None
 
 
+@dataclass(frozen=True)
+class PromptFilter:
+    """`filter_direction_prompts`: how the unedited model's answers are judged (the study's
+    detector, on responses of the study's length) before the directions are measured."""
+
+    detector: Detector
+    response_length: int
+
+
+# Which verdict each direction set keeps: harmful prompts the model refuses, harmless ones it answers.
+WANTED_VERDICT = {"harmful": True, "harmless": False}
+
+
+def kept_prompts(prompts: list[str], refused: list[bool], want: bool) -> list[str]:
+    """The prompts whose verdict is `want`, in their order."""
+    return [prompt for prompt, verdict in zip(prompts, refused, strict=True) if verdict == want]
+
+
+def filtered_prompts(kind: str, loaded: LoadedModel, prompts: list[str], system: str | None, batch_size: int,
+                     response_prefix: str, prompt_filter: PromptFilter) -> list[str]:  # fmt: skip
+    """The direction prompts of `kind` the unedited model answers as that set should (greedy,
+    `batch_size` rows at a time: reproduce generates them again with the same batching)."""
+    texts = chat_texts(loaded.tokenizer, prompts, system, response_prefix)
+    counted = refusal_count(loaded, texts, prompts, prompt_filter.detector, prompt_filter.response_length, batch_size,
+                            f"{kind} direction prompts")  # fmt: skip
+    kept = kept_prompts(prompts, counted.refused, WANTED_VERDICT[kind])
+    # Two prompts at least, or the mean is one prompt's residual: an error naming the set, not a
+    # direction measured from noise.
+    if len(kept) < 2:
+        verdict = "refuses" if WANTED_VERDICT[kind] else "answers"
+        raise HereticError(f"filter_direction_prompts: the unedited model {verdict} only {len(kept)} of the "
+                           f"{len(prompts)} {CONFIG_NAMES[kind]}; use a set it {verdict} or set "
+                           "filter_direction_prompts = false")  # fmt: skip
+    print(f"Directions from {len(kept)} of {len(prompts)} {CONFIG_NAMES[kind]} "
+          f"({'refused' if WANTED_VERDICT[kind] else 'answered'} by the unedited model)")  # fmt: skip
+    return kept
+
+
 def measure_geometry(options: GeometryOptions, loaded: LoadedModel, prompts: PromptSets, batch_size: int,
-                     response_prefix: str = "") -> RefusalGeometry:  # fmt: skip
-    """Directions and layer metrics from the prompt sets' residuals (no cache)."""
+                     response_prefix: str = "",
+                     prompt_filter: PromptFilter | None = None) -> RefusalGeometry:  # fmt: skip
+    """Directions and layer metrics from the prompt sets' residuals (no cache); with
+    `prompt_filter`, only from the direction prompts the unedited model answers as expected."""
     residuals = {}
     for kind in ("harmful", "harmless", "capability"):
         if getattr(prompts, kind) is not None:
-            collected = collect_residuals(loaded, getattr(prompts, kind), prompts.system(kind), batch_size,
+            chosen = getattr(prompts, kind)
+            if prompt_filter is not None and kind in WANTED_VERDICT:
+                chosen = filtered_prompts(kind, loaded, chosen, prompts.system(kind), batch_size, response_prefix,
+                                          prompt_filter)  # fmt: skip
+            collected = collect_residuals(loaded, chosen, prompts.system(kind), batch_size,
                                           f"{kind} residuals", response_prefix)  # fmt: skip
             residuals[kind] = winsorize(collected, options.winsorization_quantile)
     return measure(residuals["harmful"], residuals["harmless"], residuals.get("capability"),
@@ -65,11 +112,12 @@ def measure_geometry(options: GeometryOptions, loaded: LoadedModel, prompts: Pro
 
 
 def compute_geometry(options: GeometryOptions, loaded: LoadedModel, prompts: PromptSets, batch_size: int,
-                     response_prefix: str = "") -> RefusalGeometry:  # fmt: skip
+                     response_prefix: str = "",
+                     prompt_filter: PromptFilter | None = None) -> RefusalGeometry:  # fmt: skip
     """Directions and layer metrics, cached beside the study (keyed by the config fingerprint)."""
     geometry = cached_geometry(options, loaded.num_layers)
     if geometry is None:
-        geometry = measure_geometry(options, loaded, prompts, batch_size, response_prefix)
+        geometry = measure_geometry(options, loaded, prompts, batch_size, response_prefix, prompt_filter)
         path = options.cache
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

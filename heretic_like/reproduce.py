@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 from .ablation import Abliterator, Edit, EditOptions
+from .detectors import build_detector
 from .errors import HereticError
 from .export import save_adapter, save_merged
-from .geometry import GeometryOptions, measure_geometry
+from .geometry import GeometryOptions, PromptFilter, measure_geometry
 from .model import load_model, matches_fingerprint
 from .prompts import load_all_prompts
 from .provenance import package_versions, read_record, weight_hashes
@@ -45,8 +46,12 @@ def reproduce(path: str | Path, out_dir: str | Path | None = None, overrides: di
     if record["model_fingerprint"] and not matches_fingerprint(loaded.model, record["model_fingerprint"]):
         raise HereticError(f"{path}: '{settings.model}' is not the model the record was made with "
                            "(weights or config differ); point --model at the original")  # fmt: skip
-    geometry = measure_geometry(GeometryOptions.from_settings(settings), loaded, prompts, int(record["batch_size"]),
-                                record["response_prefix"] or "")  # fmt: skip
+    prefix, batch_size = record["response_prefix"] or "", int(record["batch_size"])
+    prompt_filter = None
+    if settings.filter_direction_prompts:  # the study's verdicts, generated again with the same batching
+        prompt_filter = PromptFilter(build_detector(settings, loaded, batch_size, prefix), settings.max_response_length)
+    geometry = measure_geometry(GeometryOptions.from_settings(settings), loaded, prompts, batch_size, prefix,
+                                prompt_filter)  # fmt: skip
     abliterator = Abliterator(loaded, list(edit.kernels), geometry, EditOptions.from_settings(settings))
     out = Path(out_dir) if out_dir else path.parent / f"{record['study_name']}-trial{record['trial']}-reproduced"
     print(f"Rebuilding trial {record['trial']} of study '{record['study_name']}' into {out} ...", flush=True)

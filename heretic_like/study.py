@@ -25,7 +25,7 @@ from .directions import RefusalGeometry
 from .errors import HereticError
 from .evaluation import Evaluator, FirstLook, detect_response_prefix
 from .generation import generate
-from .geometry import GeometryOptions, cached_geometry, compute_geometry
+from .geometry import GeometryOptions, PromptFilter, cached_geometry, compute_geometry
 from .interrupts import noting_interrupts, stop_if_interrupted
 from .model import LoadedModel, chat_texts, load_model, matches_fingerprint, model_fingerprint
 from .prompts import PromptSets, load_all_prompts
@@ -119,8 +119,12 @@ def prepare(settings: Settings, study: optuna.Study, prompts: PromptSets, timing
         record.record_batches(batch_size, settings.directions_batch_size or batch_size)
     prefix = resolve_response_prefix(settings, study, loaded, prompts, batch_size)
     started = time.perf_counter()
+    detector = build_detector(settings, loaded, batch_size, prefix)
+    timings["base_logprobs"] = time.perf_counter() - started
+    started = time.perf_counter()
     options = GeometryOptions.from_settings(settings)
-    geometry = compute_geometry(options, loaded, prompts, record.directions_batch(), response_prefix=prefix)
+    prompt_filter = PromptFilter(detector, settings.max_response_length) if settings.filter_direction_prompts else None
+    geometry = compute_geometry(options, loaded, prompts, record.directions_batch(), prefix, prompt_filter)
     describe_geometry(settings, geometry)
     timings["directions"] = time.perf_counter() - started
     plot = Path(settings.residual_plot_path) / f"{study.study_name}.residuals.png"
@@ -130,11 +134,10 @@ def prepare(settings: Settings, study: optuna.Study, prompts: PromptSets, timing
         print(f"Residual plot: {written}")
         timings["residual_plot"] = time.perf_counter() - started
     started = time.perf_counter()
-    detector = build_detector(settings, loaded, batch_size, prefix)
     evaluator = Evaluator(loaded, prompts.harmful_eval, prompts.harmless_eval,
                           (prompts.system("harmful_eval"), prompts.system("harmless_eval")), detector,
                           settings.max_response_length, batch_size, settings.stop_at_marker, prefix)  # fmt: skip
-    timings["base_logprobs"] = time.perf_counter() - started
+    timings["base_logprobs"] += time.perf_counter() - started
     return loaded, geometry, evaluator
 
 

@@ -5,6 +5,7 @@ import torch
 
 from heretic_like.cli import main
 from heretic_like.config import load_settings
+from heretic_like.prompts import builtin_path
 from heretic_like.provenance import read_record, weight_hashes
 from heretic_like.results import trials_table
 from heretic_like.store import load_existing_study
@@ -132,3 +133,22 @@ def test_export_leaves_unedited_modules_byte_for_byte_and_rebuilds_identically(t
     assert "bit-identical" in capsys.readouterr().out
     rebuilt, written = tmp_path / "again" / "model.safetensors", tmp_path / "export" / "model.safetensors"
     assert rebuilt.read_bytes() == written.read_bytes()
+
+
+def test_filtered_direction_prompts_are_filtered_again_when_reproduced(refusing_model, tmp_path, capsys):
+    # The harmful direction set holds 20 harmless requests the model answers: the study drops them
+    # before measuring, and reproduce must drop the same ones to rebuild the same weights.
+    mixed = tmp_path / "bad.txt"
+    harmful, harmless = (builtin_path(name).read_text().splitlines() for name in ("harmful", "harmless"))
+    mixed.write_text("\n".join(harmful[:40] + harmless[:20]) + "\n")
+    config = study_config(tmp_path, refusing_model, n_trials=2, export_trial=1, filter_direction_prompts="true",
+                          export_dir=f'"{tmp_path / "export"}"')  # fmt: skip
+    config.write_text(config.read_text().replace('dataset = "builtin:harmful"\nsplit = "train[:150]"',
+                                                 f'dataset = "{mixed}"\nsplit = "train"', 1))  # fmt: skip
+    assert main(["--config", str(config)]) == 0
+    assert "Directions from 40 of 60 bad_prompts (refused by the unedited model)" in capsys.readouterr().out
+    record_path = tmp_path / "export" / "reproduce.json"
+    assert read_record(record_path)["config"]["filter_direction_prompts"] is True
+    assert main(["reproduce", str(record_path), "--out", str(tmp_path / "again")]) == 0
+    out = capsys.readouterr().out
+    assert "Directions from 40 of 60 bad_prompts" in out and "bit-identical" in out
