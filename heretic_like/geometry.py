@@ -57,10 +57,13 @@ def cached_geometry(options: GeometryOptions, num_layers: int) -> RefusalGeometr
 @dataclass(frozen=True)
 class PromptFilter:
     """`filter_direction_prompts`: how the unedited model's answers are judged (the study's
-    detector, on responses of the study's length) before the directions are measured."""
+    detector, on responses of the study's length, generated with the study's scoring batch: the
+    directions' small batch made this pass 6x slower on the testbed model) before the directions
+    are measured."""
 
     detector: Detector
     response_length: int
+    batch_size: int
 
 
 # Which verdict each direction set keeps: harmful prompts the model refuses, harmless ones it answers.
@@ -72,13 +75,13 @@ def kept_prompts(prompts: list[str], refused: list[bool], want: bool) -> list[st
     return [prompt for prompt, verdict in zip(prompts, refused, strict=True) if verdict == want]
 
 
-def filtered_prompts(kind: str, loaded: LoadedModel, prompts: list[str], system: str | None, batch_size: int,
-                     response_prefix: str, prompt_filter: PromptFilter) -> list[str]:  # fmt: skip
-    """The direction prompts of `kind` the unedited model answers as that set should (greedy,
-    `batch_size` rows at a time: reproduce generates them again with the same batching)."""
+def filtered_prompts(kind: str, loaded: LoadedModel, prompts: list[str], system: str | None, response_prefix: str,
+                     prompt_filter: PromptFilter) -> list[str]:  # fmt: skip
+    """The direction prompts of `kind` the unedited model answers as that set should (greedy;
+    reproduce generates them again with the same batching)."""
     texts = chat_texts(loaded.tokenizer, prompts, system, response_prefix)
-    counted = refusal_count(loaded, texts, prompts, prompt_filter.detector, prompt_filter.response_length, batch_size,
-                            f"{kind} direction prompts")  # fmt: skip
+    counted = refusal_count(loaded, texts, prompts, prompt_filter.detector, prompt_filter.response_length,
+                            prompt_filter.batch_size, f"{kind} direction prompts")  # fmt: skip
     kept = kept_prompts(prompts, counted.refused, WANTED_VERDICT[kind])
     # Two prompts at least, or the mean is one prompt's residual: an error naming the set, not a
     # direction measured from noise.
@@ -102,8 +105,7 @@ def measure_geometry(options: GeometryOptions, loaded: LoadedModel, prompts: Pro
         if getattr(prompts, kind) is not None:
             chosen = getattr(prompts, kind)
             if prompt_filter is not None and kind in WANTED_VERDICT:
-                chosen = filtered_prompts(kind, loaded, chosen, prompts.system(kind), batch_size, response_prefix,
-                                          prompt_filter)  # fmt: skip
+                chosen = filtered_prompts(kind, loaded, chosen, prompts.system(kind), response_prefix, prompt_filter)
             collected = collect_residuals(loaded, chosen, prompts.system(kind), batch_size,
                                           f"{kind} residuals", response_prefix)  # fmt: skip
             residuals[kind] = winsorize(collected, options.winsorization_quantile)

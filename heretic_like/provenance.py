@@ -60,6 +60,7 @@ def build_record(study: optuna.Study, settings: Settings, number: int, card: str
         "seed": settings.seed,
         "config": settings.model_dump(mode="json"),
         "batch_size": stored.directions_batch(settings.directions_batch_size or settings.batch_size or 8),
+        "scoring_batch_size": stored.batch_size,  # generations before the directions (filter_direction_prompts)
         "response_prefix": stored.response_prefix if settings.response_prefix == "auto" else settings.response_prefix,
         "model_fingerprint": stored.model_fingerprint,
         "prompt_fingerprints": stored.prompt_fingerprints,

@@ -49,7 +49,9 @@ def reproduce(path: str | Path, out_dir: str | Path | None = None, overrides: di
     prefix, batch_size = record["response_prefix"] or "", int(record["batch_size"])
     prompt_filter = None
     if settings.filter_direction_prompts:  # the study's verdicts, generated again with the same batching
-        prompt_filter = PromptFilter(build_detector(settings, loaded, batch_size, prefix), settings.max_response_length)
+        scoring = int(record.get("scoring_batch_size") or batch_size)
+        prompt_filter = PromptFilter(build_detector(settings, loaded, scoring, prefix), settings.max_response_length,
+                                     scoring)  # fmt: skip
     geometry = measure_geometry(GeometryOptions.from_settings(settings), loaded, prompts, batch_size, prefix,
                                 prompt_filter)  # fmt: skip
     abliterator = Abliterator(loaded, list(edit.kernels), geometry, EditOptions.from_settings(settings))

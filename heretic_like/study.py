@@ -123,7 +123,9 @@ def prepare(settings: Settings, study: optuna.Study, prompts: PromptSets, timing
     timings["base_logprobs"] = time.perf_counter() - started
     started = time.perf_counter()
     options = GeometryOptions.from_settings(settings)
-    prompt_filter = PromptFilter(detector, settings.max_response_length) if settings.filter_direction_prompts else None
+    prompt_filter = None
+    if settings.filter_direction_prompts:
+        prompt_filter = PromptFilter(detector, settings.max_response_length, batch_size)
     geometry = compute_geometry(options, loaded, prompts, record.directions_batch(), prefix, prompt_filter)
     describe_geometry(settings, geometry)
     timings["directions"] = time.perf_counter() - started

@@ -201,7 +201,9 @@ def thinking_model(tmp_path_factory) -> Path:
 def study_config(tmp_path: Path, model_dir: Path, search: str = "", **extra) -> Path:
     """A small, fast config for the tiny models (24 eval prompts each, 12-token responses), with
     the plain method (tests of other methods set their keys); `search` is TOML for `[search]`."""
-    plain = {"orthogonalize_direction": "false", "row_normalization": '"none"', "biproject_direction": "false"}
+    # The tiny random models refuse nothing, so the direction prompts are not filtered by refusal.
+    plain = {"orthogonalize_direction": "false", "row_normalization": '"none"', "biproject_direction": "false",
+             "filter_direction_prompts": "false"}  # fmt: skip
     keys = {"model": f'"{model_dir}"', "dtypes": '["float32"]',
             "study_checkpoint_dir": f'"{tmp_path / "checkpoints"}"', "cache_dir": f'"{tmp_path / "cache"}"',
             "batch_size": 32, "max_response_length": 12, "n_trials": 3, "n_startup_trials": 2, "seed": 1,

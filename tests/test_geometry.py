@@ -34,7 +34,7 @@ def test_filtered_directions_are_those_of_the_clean_sets(refusing_model, tmp_pat
     # harmful prompts is answered (dropped), a harmful one among the harmless is refused (dropped).
     mixed = _sets(harmful[:6] + harmless[:5] + harmful[6:], harmless[:8] + harmful[:3] + harmless[8:])
     options = GeometryOptions.from_settings(settings)
-    prompt_filter = PromptFilter(MarkerDetector.from_settings(settings), 12)
+    prompt_filter = PromptFilter(MarkerDetector.from_settings(settings), 12, 16)
     filtered = measure_geometry(options, loaded, mixed, 8, "", prompt_filter)
     out = capsys.readouterr().out
     assert "Directions from 12 of 17 bad_prompts (refused" in out
@@ -50,7 +50,7 @@ def test_a_set_the_model_never_refuses_is_an_error_naming_the_key(refusing_model
     settings = settings_for(refusing_model, tmp_path)
     loaded = load_model(settings)
     harmless = builtin_path("harmless").read_text().splitlines()[:10]
-    prompt_filter = PromptFilter(MarkerDetector.from_settings(settings), 12)
+    prompt_filter = PromptFilter(MarkerDetector.from_settings(settings), 12, 16)
     with pytest.raises(HereticError, match=r"refuses only 0 of the 5 bad_prompts.*filter_direction_prompts = false"):
         measure_geometry(GeometryOptions.from_settings(settings), loaded, _sets(harmless[:5], harmless[5:]), 8, "",
                          prompt_filter)  # fmt: skip

@@ -148,7 +148,9 @@ def test_filtered_direction_prompts_are_filtered_again_when_reproduced(refusing_
     assert main(["--config", str(config)]) == 0
     assert "Directions from 40 of 60 bad_prompts (refused by the unedited model)" in capsys.readouterr().out
     record_path = tmp_path / "export" / "reproduce.json"
-    assert read_record(record_path)["config"]["filter_direction_prompts"] is True
+    record = read_record(record_path)
+    assert record["config"]["filter_direction_prompts"] is True
+    assert (record["batch_size"], record["scoring_batch_size"]) == (8, 32)  # the filter generates as trials do
     assert main(["reproduce", str(record_path), "--out", str(tmp_path / "again")]) == 0
     out = capsys.readouterr().out
     assert "Directions from 40 of 60 bad_prompts" in out and "bit-identical" in out
