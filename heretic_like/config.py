@@ -247,8 +247,7 @@ class Settings(_Strict):
     # Keys that define what a study measures: resuming with any of them changed is refused.
     STUDY_KEYS: ClassVar[tuple[str, ...]] = (
         "model", "model_commit", "gguf_file", "quantization", "chat_template", "system_prompt", "response_prefix",
-        "thinking_tags",
-        "max_response_length", "kl_divergence_scale", "kl_divergence_target", "refusal_markers",
+        "thinking_tags", "max_response_length", "kl_divergence_scale", "kl_divergence_target", "refusal_markers",
         "ignore_echoed_markers", "unanswered_is_refusal", "refusal_detector", "refusal_judge_model",
         "refusal_judge_url",
         "orthogonalize_direction", "winsorization_quantile", "filter_direction_prompts", "row_normalization",
