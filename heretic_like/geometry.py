@@ -82,16 +82,17 @@ def filtered_prompts(kind: str, loaded: LoadedModel, prompts: list[str], system:
     texts = chat_texts(loaded.tokenizer, prompts, system, response_prefix)
     counted = refusal_count(loaded, texts, prompts, prompt_filter.detector, prompt_filter.response_length,
                             prompt_filter.batch_size, f"{kind} direction prompts")  # fmt: skip
-    kept = kept_prompts(prompts, counted.refused, WANTED_VERDICT[kind])
+    want = WANTED_VERDICT[kind]
+    kept = kept_prompts(prompts, counted.refused, want)
     # Two prompts at least, or the mean is one prompt's residual: an error naming the set, not a
     # direction measured from noise.
     if len(kept) < 2:
-        verdict = "refuses" if WANTED_VERDICT[kind] else "answers"
+        verdict = "refuses" if want else "answers"
         raise HereticError(f"filter_direction_prompts: the unedited model {verdict} only {len(kept)} of the "
                            f"{len(prompts)} {CONFIG_NAMES[kind]}; use a set it {verdict} or set "
                            "filter_direction_prompts = false")  # fmt: skip
     print(f"Directions from {len(kept)} of {len(prompts)} {CONFIG_NAMES[kind]} "
-          f"({'refused' if WANTED_VERDICT[kind] else 'answered'} by the unedited model)")  # fmt: skip
+          f"({'refused' if want else 'answered'} by the unedited model)")  # fmt: skip
     return kept
 
 
@@ -102,13 +103,14 @@ def measure_geometry(options: GeometryOptions, loaded: LoadedModel, prompts: Pro
     `prompt_filter`, only from the direction prompts the unedited model answers as expected."""
     residuals = {}
     for kind in ("harmful", "harmless", "capability"):
-        if getattr(prompts, kind) is not None:
-            chosen = getattr(prompts, kind)
-            if prompt_filter is not None and kind in WANTED_VERDICT:
-                chosen = filtered_prompts(kind, loaded, chosen, prompts.system(kind), response_prefix, prompt_filter)
-            collected = collect_residuals(loaded, chosen, prompts.system(kind), batch_size,
-                                          f"{kind} residuals", response_prefix)  # fmt: skip
-            residuals[kind] = winsorize(collected, options.winsorization_quantile)
+        chosen = getattr(prompts, kind)
+        if chosen is None:
+            continue
+        if prompt_filter is not None and kind in WANTED_VERDICT:
+            chosen = filtered_prompts(kind, loaded, chosen, prompts.system(kind), response_prefix, prompt_filter)
+        collected = collect_residuals(loaded, chosen, prompts.system(kind), batch_size, f"{kind} residuals",
+                                      response_prefix)  # fmt: skip
+        residuals[kind] = winsorize(collected, options.winsorization_quantile)
     return measure(residuals["harmful"], residuals["harmless"], residuals.get("capability"),
                    options.orthogonalize, options.directions_per_layer, options.direction_candidates)  # fmt: skip
 

@@ -49,6 +49,8 @@ def reproduce(path: str | Path, out_dir: str | Path | None = None, overrides: di
     prefix, batch_size = record["response_prefix"] or "", int(record["batch_size"])
     prompt_filter = None
     if settings.filter_direction_prompts:  # the study's verdicts, generated again with the same batching
+        # a record without the field was written by the filter's first version, which generated
+        # in the directions' batches
         scoring = int(record.get("scoring_batch_size") or batch_size)
         prompt_filter = PromptFilter(build_detector(settings, loaded, scoring, prefix), settings.max_response_length,
                                      scoring)  # fmt: skip
