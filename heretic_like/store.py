@@ -61,7 +61,8 @@ def _diff_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
 # Study keys added after their behaviour existed, with the value that matches what older studies did
 # (where the new default differs): an older study resumes only with that value.
 LEGACY_VALUES: dict[str, Any] = {"ignore_echoed_markers": False, "unanswered_is_refusal": False,
-                                 "row_normalization": "none", "biproject_direction": False}
+                                 "row_normalization": "none", "biproject_direction": False,
+                                 "filter_direction_prompts": False}
 
 
 def _with_new_defaults(stored: dict | None) -> dict | None:

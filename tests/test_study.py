@@ -352,6 +352,21 @@ def test_reasoning_model_is_measured_after_its_thinking_block(thinking_model, tm
     assert run.study.user_attrs["base_refusals"] == 24
 
 
+def test_a_study_stamped_before_a_default_changed_keeps_what_it_ran_with():
+    """filter_direction_prompts became true by default after studies were stamped without it
+    (they used every prompt): such a study resumes with `false`, and the new default is refused
+    rather than silently mixing two kinds of directions in one study."""
+    from heretic_like.store import _with_new_defaults, stored_settings
+
+    assert load_settings(None).filter_direction_prompts is True
+    ran_with = load_settings(None, {"filter_direction_prompts": False})
+    old = ran_with.study_identity()
+    del old["filter_direction_prompts"]
+    assert _with_new_defaults(old) == ran_with.study_identity()
+    assert _with_new_defaults(old) != load_settings(None).study_identity()
+    assert stored_settings(old, "an old record").filter_direction_prompts is False  # reproduce.json too
+
+
 def test_resume_with_edited_prompt_content_is_refused(tiny_llama, tmp_path):
     from heretic_like.errors import HereticError
     from heretic_like.prompts import builtin_path
