@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 from heretic_like.results import ExportRule, choose_trial, pareto_front  # noqa: E402
 
 RULES = [("fewest_refusals", 0.1, 0.2), ("fewest_refusals", 0.03, 0.2)] + [
-    ("balanced", 0.1, x) for x in (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+    ("balanced", 0.1, x) for x in (0.02, 0.05, 0.1, 0.2, 0.25, 0.3, 0.5, 1.0)
 ]
 
 
