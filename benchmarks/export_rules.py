@@ -39,6 +39,12 @@ def main() -> None:
         if table.empty:
             continue
         heldout = {r["trial"]: r["heldout_refusals"] for r in summary.get("pareto_heldout", [])}
+        best = summary.get("best_trial") or {}
+        if best.get("heldout_refusals_long") is not None:  # quality runs: the chosen trial at 128 tokens
+            heldout[best["trial"]] = f"{best['heldout_refusals_long']}@128"
+        # The front's long recounts, as the study stored them: the rule chooses by those counts.
+        recounts = {int(k): v for k, v in (summary.get("front_long_counts") or {}).items()}
+        table["refusals_long"] = table["trial"].map(recounts).astype(float)
         front = pareto_front(table)
         base = int(summary["base_refusals_study_eval"])
         row = {"study": path.parent.name, "base": base, "front": len(front)}
@@ -47,15 +53,17 @@ def main() -> None:
             picked = table[table["trial"] == choice.trial].iloc[0]
             label = name if name != "balanced" else f"balanced x{exchange}"
             label += f" KL<={limit}" if name == "fewest_refusals" else ""
-            row[label] = (f"#{choice.trial}: {int(picked['refusals'])} @ {picked['kl_divergence']:.4f}, "
+            long = "" if pd.isna(picked["refusals_long"]) else f" ({int(picked['refusals_long'])} long)"
+            row[label] = (f"#{choice.trial}: {int(picked['refusals'])}{long} @ {picked['kl_divergence']:.4f}, "
                           f"held-out {heldout.get(choice.trial, '-')}")  # fmt: skip
         rows.append(row)
         print(f"{path.parent.name}: front " + ", ".join(
             f"#{int(r.trial)} {int(r.refusals)}@{r.kl_divergence:.4f}" + (f" (held-out {heldout[r.trial]})"
             if r.trial in heldout else "") for r in front.itertuples()))  # fmt: skip
     print()
-    frame = pd.DataFrame(rows).set_index("study").T
-    with pd.option_context("display.max_colwidth", 60, "display.width", 250):
+    frame = pd.DataFrame(rows).set_index("study")
+    frame = frame.T if len(frame) <= 13 else frame  # many studies: one row each
+    with pd.option_context("display.max_colwidth", 60, "display.width", 250, "display.max_columns", None):
         print(frame.to_string())
 
 
