@@ -42,9 +42,11 @@ def main() -> None:
         best = summary.get("best_trial") or {}
         if best.get("heldout_refusals_long") is not None:  # quality runs: the chosen trial at 128 tokens
             heldout[best["trial"]] = f"{best['heldout_refusals_long']}@128"
-        # The front's long recounts, as the study stored them: the rule chooses by those counts.
+        # The front's long recounts, as the study stored them (per trial, or as the summary's
+        # front_long_counts): the rule chooses by those counts.
         recounts = {int(k): v for k, v in (summary.get("front_long_counts") or {}).items()}
-        table["refusals_long"] = table["trial"].map(recounts).astype(float)
+        stored = table["refusals_long"] if "refusals_long" in table else pd.Series(float("nan"), index=table.index)
+        table["refusals_long"] = stored.astype(float).fillna(table["trial"].map(recounts).astype(float))
         front = pareto_front(table)
         base = int(summary["base_refusals_study_eval"])
         row = {"study": path.parent.name, "base": base, "front": len(front)}
