@@ -60,6 +60,32 @@ def score(settings, loaded, prompts: list[str], length: int, batch_size: int,
     return counted.refusals, refused, time.perf_counter() - started, every
 
 
+def reused_base(folder: Path, study_name: str, settings, heldout: list[str], long: int,
+                batch_size: int) -> tuple[dict, list[dict]]:  # fmt: skip
+    """The unedited model's held-out and over-refusal scores from an earlier run's `--out`, instead of
+    generating them again (12+ min on the 1.5B): they depend on the model, prompts, lengths, batch
+    size and markers, not on the study, so each of those is checked and the stored long answers
+    are recounted with today's markers; any difference is an error, not a silent reuse."""
+    summary = json.loads((folder / "summary.json").read_text())
+    every = json.loads((folder / "heldout_responses.json").read_text())["base"]
+    wanted = {"study": study_name, "max_response_length": settings.max_response_length,
+              "long_response_length": long, "batch_size": batch_size}  # fmt: skip
+    for key, value in wanted.items():
+        if summary.get(key) != value:
+            sys.exit(f"--base-from {folder}: its {key} is {summary.get(key)!r}, this run's is {value!r}")
+    if [e["prompt"] for e in every] != heldout:
+        sys.exit(f"--base-from {folder}: its held-out prompts are not this run's")
+    verdicts = MarkerDetector.from_settings(settings).classify(heldout, [e["response"] for e in every])
+    long_count = int(summary["base_refusals_heldout_long"].split("/")[0])
+    if verdicts != [e["markers"] for e in every] or sum(verdicts) != long_count:
+        sys.exit(f"--base-from {folder}: today's markers count its stored answers differently")
+    seconds = summary["timings_s"]["heldout_scoring"]["base"]
+    row = {"heldout_refusals": int(summary["base_refusals_heldout"].split("/")[0]), "heldout_refusals_long": long_count,
+           "overrefusal": summary["overrefusal"]["base"], "still_refused": None, "still_refused_long": None,
+           "seconds": {k: f"reused from {folder.name} ({v} s)" for k, v in seconds.items()}}  # fmt: skip
+    return row, every
+
+
 def judge_check(judge, answered: dict[str, list[dict]]) -> dict:
     """The markers' held-out verdicts checked by the judge detector: per model the two counts,
     agreement and Cohen's kappa, and every disagreement with its text (the judge can be wrong
@@ -126,6 +152,9 @@ def main() -> None:
     parser.add_argument("--long", type=int, default=128, help="held-out responses are also counted this long")
     parser.add_argument("--score-only", action="store_true",
                         help="do not run the command again: score the export of the last run in the work folder")
+    parser.add_argument("--base-from", default=None, type=Path,
+                        help="reuse the unedited model's scores from this earlier --out (same model, prompts, "
+                             "lengths, batch size and markers: checked) instead of generating them again")
     parser.add_argument("--judge-model", default=None,
                         help="model that judges the long held-out responses (default: the 1.5B testbed model)")
     parser.add_argument("--no-judge", action="store_true", help="skip the judge cross-check")
@@ -172,7 +201,12 @@ def main() -> None:
     length = settings.max_response_length
 
     rows, answered = {}, {}
+    if args.base_from:
+        rows["base"], answered["base"] = reused_base(args.base_from.resolve(), study.study_name, settings, heldout,
+                                                     args.long, batch_size)  # fmt: skip
     for name, model in (("base", settings.model), ("best_trial", str(work / exported))):
+        if name in rows:
+            continue
         loaded = load_model(settings.model_copy(update={"model": model, "gguf_file": None}))
         held, still, held_s, _ = score(settings, loaded, heldout, length, batch_size)
         held_long, still_long, long_s, answered[name] = score(settings, loaded, heldout, args.long, batch_size,
@@ -207,6 +241,7 @@ def main() -> None:
         "verify_response_length": settings.verify_response_length,
         "study_eval": {"harmful": int(record.n_harmful_eval)},
         "base_refusals_study_eval": record.base_refusals,
+        "base_scores_from": str(args.base_from) if args.base_from else None,
         "base_refusals_heldout": f"{rows['base']['heldout_refusals']}/{len(heldout)}",
         "base_refusals_heldout_long": f"{rows['base']['heldout_refusals_long']}/{len(heldout)}",
         "best_trial": {
