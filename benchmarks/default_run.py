@@ -6,6 +6,11 @@ not stopped at the first marker) are judged again by
 a judge detector (the 1.5B testbed model, or `--judge-model`) and the disagreements listed
 (`--judge-only` does just that for a finished `--out`).
 
+A run stopped part-way (Ctrl-C, or a session that ends before a 1.5B study does) keeps its study
+in `--out`; `--resume-from OUT` with the same arguments continues it, and the summary adds the
+parts' times. `--base-from OUT` reuses the unedited model's held-out scores from an earlier run
+of the same model (checked), which saves the half of the scoring that does not depend on the study.
+
     python benchmarks/default_run.py [--out benchmarks/results-default] [-- --n-trials 12 ...]
 
 Arguments after `--` go to the command (the quick variant); the summary records them. The run
@@ -41,7 +46,7 @@ from heretic_like.evaluation import refusal_count  # noqa: E402
 from heretic_like.model import chat_texts, load_model  # noqa: E402
 from heretic_like.records import StudyRecord  # noqa: E402
 from heretic_like.screening import rank_correlation  # noqa: E402
-from heretic_like.store import load_existing_study, settings_of  # noqa: E402
+from heretic_like.store import fail_stale_trials, load_existing_study, settings_of  # noqa: E402
 from heretic_like.testbed import fetch_qwen  # noqa: E402
 
 
@@ -58,6 +63,32 @@ def score(settings, loaded, prompts: list[str], length: int, batch_size: int,
              for p, r, v in zip(prompts, counted.responses, counted.refused, strict=True)]  # fmt: skip
     refused = [{"prompt": e["prompt"], "response": e["response"]} for e in every if e["markers"]]
     return counted.refusals, refused, time.perf_counter() - started, every
+
+
+def save_part(work: Path, out: Path, measured: dict, parts: list[dict]) -> None:
+    """The command stopped (Ctrl-C, SIGTERM, a session's end) with a study on disk: keep its checkpoints
+    (journal, directions) and this part's cost in `out`, so a later `--resume-from out` continues
+    the same study instead of starting again; the parts' times and peaks add up in the summary."""
+    (journal,) = (work / "checkpoints").glob("*.journal")
+    study = load_existing_study(str(journal), None)
+    fail_stale_trials(study)  # the trial the stop cut short, marked here: on another host it could not be
+    shutil.copytree(work / "checkpoints", out / "checkpoints", dirs_exist_ok=True)
+    done = len(StudyRecord(study).trials())  # complete or pruned: what a resume counts as done
+    part = {**measured, "finished_trials": done, "ended": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    log = out / f"run-part-{len(parts) + 1}.log"
+    (out / "run.log").rename(log)
+    (out / "parts.json").write_text(json.dumps([*parts, part], indent=1) + "\n")
+    sys.exit(f"the command stopped ({measured['returncode']}) after {done} finished trials; its study is kept "
+             f"in {out / 'checkpoints'} and its log in {log}: run again with --resume-from {out}")
+
+
+def resume_parts(folder: Path, work: Path) -> list[dict]:
+    """Put a stopped run's checkpoints into the fresh work folder (the command resumes that study)
+    and return its earlier parts' costs."""
+    if not (folder / "parts.json").is_file() or not list((folder / "checkpoints").glob("*.journal")):
+        sys.exit(f"--resume-from {folder}: no stopped study there (parts.json and checkpoints/*.journal)")
+    shutil.copytree(folder / "checkpoints", work / "checkpoints")
+    return json.loads((folder / "parts.json").read_text())
 
 
 def reused_base(folder: Path, study_name: str, settings, heldout: list[str], long: int,
@@ -152,6 +183,9 @@ def main() -> None:
     parser.add_argument("--long", type=int, default=128, help="held-out responses are also counted this long")
     parser.add_argument("--score-only", action="store_true",
                         help="do not run the command again: score the export of the last run in the work folder")
+    parser.add_argument("--resume-from", default=None, type=Path,
+                        help="continue the study of an earlier --out whose command was stopped (its checkpoints "
+                             "and parts.json), with the same command arguments")
     parser.add_argument("--base-from", default=None, type=Path,
                         help="reuse the unedited model's scores from this earlier --out (same model, prompts, "
                              "lengths, batch size and markers: checked) instead of generating them again")
@@ -176,12 +210,19 @@ def main() -> None:
         (work / "home").mkdir(parents=True)
         (work / "models").symlink_to(fetch_qwen(ROOT / "models").parent.resolve())
         env = {**os.environ, "HOME": str(work / "home"), "PYTHONPATH": str(ROOT), "CI": "1"}
+        parts = resume_parts(args.resume_from.resolve(), work) if args.resume_from else []
         command = [sys.executable, "-m", "heretic_like", *args.command]
         with open(out / "run.log", "w") as log:
             done = subprocess.run(command, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
                                   stdin=subprocess.DEVNULL)  # fmt: skip
         measured = {"seconds": round(time.perf_counter() - started, 1), "returncode": done.returncode,
                     "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2)}
+        if done.returncode != 0 and list((work / "checkpoints").glob("*.journal")):
+            save_part(work, out, measured, parts)  # exits: resume with --resume-from
+        if parts:  # the whole study's cost: every part's time, the highest peak
+            measured = {**measured, "seconds": round(measured["seconds"] + sum(p["seconds"] for p in parts), 1),
+                        "peak_rss_gib": max([measured["peak_rss_gib"], *(p["peak_rss_gib"] for p in parts)]),
+                        "parts": [*parts, dict(measured)]}  # fmt: skip
         (out / "command.json").write_text(json.dumps(measured) + "\n")
     measured = json.loads((out / "command.json").read_text()) if (out / "command.json").is_file() else {}
     study_total, peak_rss = measured.get("seconds"), measured.get("peak_rss_gib")
@@ -221,6 +262,7 @@ def main() -> None:
     trials = record.trials()
     scored = [t for t in trials if t.predicted_refusals is not None and not t.screened and t.refusals is not None]
     seconds = {k: round(sum(t.attr(k) or 0.0 for t in trials), 1) for k in ("kl_seconds", "generation_seconds")}
+    trials_wall = round(sum((t.trial.datetime_complete - t.trial.datetime_start).total_seconds() for t in trials), 1)
     summary = {
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, python "
                    f"{platform.python_version()}, torch {torch.__version__}",
@@ -259,11 +301,15 @@ def main() -> None:
         "heldout_still_refused": rows["best_trial"]["still_refused"],
         "heldout_still_refused_long": rows["best_trial"]["still_refused_long"],
         "timings_s": {**timings, "study_total": study_total,
-                      "per_trial_mean": round(timings.get("trials", 0) / max(len(trials), 1), 1),
+                      # from each trial's own start and end, so a study run in parts is timed whole
+                      "trials_wall": trials_wall,
+                      "per_trial_mean": round((trials_wall if measured.get("parts") else timings.get("trials", 0))
+                                              / max(len(trials), 1), 1),
                       "trials_kl": seconds["kl_seconds"], "trials_generation": seconds["generation_seconds"],
                       "heldout_scoring": {k: v["seconds"] for k, v in rows.items()},
                       "benchmark_total": round(time.perf_counter() - started, 1)},  # fmt: skip
         "peak_rss_gib_command": peak_rss,
+        "command_parts": measured.get("parts"),
         "trials": [{"trial": t.number, "state": t.state.name, "refusals": t.refusals,
                     "refusals_at_least": t.refusals_at_least, "kl_divergence": t.kl_divergence,
                     "kl_seconds": t.attr("kl_seconds"), "generation_seconds": t.attr("generation_seconds")}
