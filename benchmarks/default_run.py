@@ -213,11 +213,15 @@ def main() -> None:
         parts = resume_parts(args.resume_from.resolve(), work) if args.resume_from else []
         command = [sys.executable, "-m", "heretic_like", *args.command]
         with open(out / "run.log", "w") as log:
-            done = subprocess.run(command, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL)  # fmt: skip
-        measured = {"seconds": round(time.perf_counter() - started, 1), "returncode": done.returncode,
+            child = subprocess.Popen(command, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)  # fmt: skip
+            try:
+                returncode = child.wait()
+            except KeyboardInterrupt:  # the command got the Ctrl-C too and stops at its next trial boundary:
+                returncode = child.wait()  # wait for it (subprocess.run would kill it), then keep its study
+        measured = {"seconds": round(time.perf_counter() - started, 1), "returncode": returncode,
                     "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2)}
-        if done.returncode != 0 and list((work / "checkpoints").glob("*.journal")):
+        if returncode != 0 and list((work / "checkpoints").glob("*.journal")):
             save_part(work, out, measured, parts)  # exits: resume with --resume-from
         if parts:  # the whole study's cost: every part's time, the highest peak
             measured = {**measured, "seconds": round(measured["seconds"] + sum(p["seconds"] for p in parts), 1),
@@ -262,7 +266,7 @@ def main() -> None:
     trials = record.trials()
     scored = [t for t in trials if t.predicted_refusals is not None and not t.screened and t.refusals is not None]
     seconds = {k: round(sum(t.attr(k) or 0.0 for t in trials), 1) for k in ("kl_seconds", "generation_seconds")}
-    trials_wall = round(sum((t.trial.datetime_complete - t.trial.datetime_start).total_seconds() for t in trials), 1)
+    trials_wall = round(sum(t.trial.duration.total_seconds() for t in trials), 1)
     summary = {
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, python "
                    f"{platform.python_version()}, torch {torch.__version__}",
