@@ -186,6 +186,18 @@ def fail_stale_trials(study: optuna.Study, shared: bool = False) -> int:
     return len(stale)
 
 
+def fail_own_running_trials(study: optuna.Study, shared: bool = False) -> int:
+    """Trials this process left RUNNING are marked FAIL; returns how many. A Ctrl-C that lands
+    while Optuna creates or closes a trial (outside the objective, which Optuna closes itself)
+    leaves one running. In a journal file (one worker at a time) an unnamed running trial is this
+    process's too; in a shared storage it may be another worker's newest, so it is left alone."""
+    mine = [t for t in StudyRecord(study).trials((TrialState.RUNNING,))
+            if t.worker == WORKER or (t.worker is None and not shared)]  # fmt: skip
+    for trial in mine:
+        study._storage.set_trial_state_values(trial.trial._trial_id, TrialState.FAIL)
+    return len(mine)
+
+
 def study_file(settings: Settings, suffix: str) -> Path:
     """A file kept beside the study: `<study_checkpoint_dir>/<study name><suffix>`."""
     return Path(settings.study_checkpoint_dir) / f"{settings.resolved_study_name()}{suffix}"

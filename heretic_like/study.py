@@ -34,7 +34,14 @@ from .report import plot_layer_metrics, write_residual_plot
 from .results import ExportRule, pareto_front, print_front, recount_order, trials_table
 from .screening import ScreeningOptions, calibrated_proxy, screen_reason
 from .search import best_layer_seed, hardest_first, objectives, refusal_cap, sample_edit
-from .store import check_prompt_fingerprints, fail_stale_trials, is_shared_storage, open_study, study_file
+from .store import (
+    check_prompt_fingerprints,
+    fail_own_running_trials,
+    fail_stale_trials,
+    is_shared_storage,
+    open_study,
+    study_file,
+)
 
 
 def resolve_response_prefix(settings: Settings, study: optuna.Study, loaded: LoadedModel | None = None,
@@ -280,6 +287,7 @@ def run_study(settings: Settings) -> StudyRun:
     if remaining > 0:
         bar = tqdm(total=settings.n_trials, initial=done, desc="trials", unit="trial")
         started = time.perf_counter()
+        interrupts: list[int] = []
         try:
             with noting_interrupts() as interrupts:
                 study.optimize(objective, n_trials=remaining, callbacks=[
@@ -287,6 +295,16 @@ def run_study(settings: Settings) -> StudyRun:
                     lambda *_: bar.update(1),
                     stop_if_interrupted(interrupts),  # a Ctrl-C a finaliser swallowed (interrupts.py)
                 ])  # fmt: skip
+        except BaseException as exc:
+            if not isinstance(exc, KeyboardInterrupt) and not interrupts:
+                raise
+            # A Ctrl-C outside the objective (while Optuna samples for a new trial or closes one)
+            # leaves that trial RUNNING; inside the close, Optuna 5.0 even turns it into an
+            # UnboundLocalError. Either way: close the trial, and stop as an interrupt.
+            fail_own_running_trials(study, is_shared_storage(settings.resolved_storage()))
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            raise KeyboardInterrupt from exc
         finally:
             bar.close()
             timings["trials"] = time.perf_counter() - started
