@@ -197,6 +197,7 @@ def main() -> None:
     parser.add_argument("command", nargs="*", help="extra arguments for the command, after --")
     args = parser.parse_args()
     out, cache = Path(args.out).resolve(), ROOT / "benchmarks" / ".cache"  # absolute: the scoring runs in `work`
+    base_from = args.base_from.resolve() if args.base_from else None  # (resolved before the chdir to `work`)
     out.mkdir(parents=True, exist_ok=True)
     if args.judge_only:
         add_judge_check(out, judge_path(args.judge_model))
@@ -246,8 +247,8 @@ def main() -> None:
     length = settings.max_response_length
 
     rows, answered = {}, {}
-    if args.base_from:
-        rows["base"], answered["base"] = reused_base(args.base_from.resolve(), study.study_name, settings, heldout,
+    if base_from:
+        rows["base"], answered["base"] = reused_base(base_from, study.study_name, settings, heldout,
                                                      args.long, batch_size)  # fmt: skip
     for name, model in (("base", settings.model), ("best_trial", str(work / exported))):
         if name in rows:
