@@ -290,8 +290,13 @@ def test_ctrl_c_while_optuna_opens_or_closes_a_trial_leaves_none_running(tiny_ll
     else:  # Optuna 5.0 turns a KeyboardInterrupt here into an UnboundLocalError: still an interrupt
         monkeypatch.setattr(optimize, "_tell_with_warning", interrupting(optimize._tell_with_warning))
     config = study_config(tmp_path, tiny_llama, n_trials=4)
-    with pytest.raises(KeyboardInterrupt):
-        run_study(load_settings(str(config)))
+    # Python's own Ctrl-C handler, as in a terminal: a suite run in the background may inherit SIGINT ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_study(load_settings(str(config)))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     trials = load_existing_study(str(_journal(tmp_path)), None).trials
     assert [t.number for t in trials if t.state.name == "RUNNING"] == []
     assert trials[1].state.name == "FAIL" and len(_completed(_journal(tmp_path))) == 1
