@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -180,10 +181,7 @@ def fail_stale_trials(study: optuna.Study, shared: bool = False) -> int:
         before = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
         optuna.storages.fail_stale_trials(study)
         return len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))) - before
-    stale = [t for t in StudyRecord(study).trials((TrialState.RUNNING,)) if _abandoned(t)]
-    for trial in stale:
-        study._storage.set_trial_state_values(trial.trial._trial_id, TrialState.FAIL)
-    return len(stale)
+    return _fail_running(study, _abandoned)
 
 
 def fail_own_running_trials(study: optuna.Study, shared: bool = False) -> int:
@@ -191,11 +189,15 @@ def fail_own_running_trials(study: optuna.Study, shared: bool = False) -> int:
     while Optuna creates or closes a trial (outside the objective, which Optuna closes itself)
     leaves one running. In a journal file (one worker at a time) an unnamed running trial is this
     process's too; in a shared storage it may be another worker's newest, so it is left alone."""
-    mine = [t for t in StudyRecord(study).trials((TrialState.RUNNING,))
-            if t.worker == WORKER or (t.worker is None and not shared)]  # fmt: skip
-    for trial in mine:
+    return _fail_running(study, lambda t: t.worker == WORKER or (t.worker is None and not shared))
+
+
+def _fail_running(study: optuna.Study, which: Callable[[TrialRecord], bool]) -> int:
+    """Mark the RUNNING trials `which` selects as FAIL; returns how many."""
+    chosen = [t for t in StudyRecord(study).trials((TrialState.RUNNING,)) if which(t)]
+    for trial in chosen:
         study._storage.set_trial_state_values(trial.trial._trial_id, TrialState.FAIL)
-    return len(mine)
+    return len(chosen)
 
 
 def study_file(settings: Settings, suffix: str) -> Path:

@@ -298,7 +298,7 @@ def run_study(settings: Settings) -> StudyRun:
         except BaseException as exc:
             if not isinstance(exc, KeyboardInterrupt) and not interrupts:
                 raise
-            # A Ctrl-C outside the objective (while Optuna samples for a new trial or closes one)
+            # A Ctrl-C outside the objective (while Optuna opens a new trial or closes one)
             # leaves that trial RUNNING; inside the close, Optuna 5.0 even turns it into an
             # UnboundLocalError. Either way: close the trial, and stop as an interrupt.
             fail_own_running_trials(study, is_shared_storage(settings.resolved_storage()))
