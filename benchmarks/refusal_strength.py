@@ -1,0 +1,88 @@
+"""How strongly the unedited model's residual carries the refusal direction, per held-out prompt.
+
+Why the same few held-out prompts stay refused on every seed and lever: this reads the unedited
+model's residual at the last prompt token of each of the 100 held-out HarmBench behaviours at the
+study's best layer, and prints its projection on that layer's refusal direction (taken from a
+study's cached geometry), shifted so the harmless mean is 0 and the harmful mean 1 (the
+direction prompts' means), and the cosine between the residual minus the harmless mean and the
+direction. The prompts are grouped by the stored 128-token answers of `default_run.py` folders:
+answered by the unedited model; refused by it but answered after every chosen edit; refused
+after at least one chosen edit (the hard core). A hard core with a larger projection is a stronger
+refusal along the same direction; one with a smaller cosine is a refusal the direction misses.
+
+    python benchmarks/refusal_strength.py --geometry CHECKPOINTS/NAME.directions.pt \
+        benchmarks/results-quality/seed-0 benchmarks/results-quality/seed-1 benchmarks/results-quality/seed-2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from qwen_benchmark import harmbench_prompts  # noqa: E402
+
+from heretic_like.config import load_settings  # noqa: E402
+from heretic_like.detectors import MarkerDetector  # noqa: E402
+from heretic_like.directions import RefusalGeometry, collect_residuals  # noqa: E402
+from heretic_like.model import load_model  # noqa: E402
+from heretic_like.testbed import fetch_qwen  # noqa: E402
+
+
+def refused_by(folder: Path, model: str, detector: MarkerDetector) -> dict[str, bool]:
+    """prompt -> refused, for the stored 128-token answers of one model of a results folder."""
+    rows = json.loads((folder / "heldout_responses.json").read_text())[model]
+    verdicts = detector.classify([r["prompt"] for r in rows], [r["response"] for r in rows])
+    return {r["prompt"]: bool(v) for r, v in zip(rows, verdicts, strict=True)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", nargs="+", type=Path, help="default_run.py output folders (same model)")
+    parser.add_argument("--geometry", type=Path, required=True, help="a study's cached NAME.directions.pt")
+    parser.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args()
+    settings = load_settings(None, {"model": str(fetch_qwen(ROOT / "models"))})
+    detector = MarkerDetector.from_settings(settings)
+    geometry = RefusalGeometry.from_dict(torch.load(args.geometry, weights_only=True)["geometry"])
+    layer = geometry.best_layer(settings.search.layer_window)
+    heldout = harmbench_prompts(ROOT / "benchmarks" / ".cache", 100)
+    base = refused_by(args.results[0], "base", detector)
+    edited = [refused_by(folder, "best_trial", detector) for folder in args.results]
+    residuals = collect_residuals(load_model(settings), heldout, settings.system_prompt, args.batch_size)[:, layer]
+    direction = geometry.directions[layer]
+    low, high = geometry.harmless_mean[layer] @ direction, geometry.harmful_mean[layer] @ direction
+    strength = ((residuals @ direction - low) / (high - low)).tolist()
+    centred = residuals - geometry.harmless_mean[layer]
+    cosine = (centred @ direction / centred.norm(dim=1)).tolist()
+    groups: dict[str, list[int]] = {"answered unedited": [], "refusal removed by every edit": [], "hard core": []}
+    for i, prompt in enumerate(heldout):
+        kept = sum(e[prompt] for e in edited)
+        group = "answered unedited" if not base[prompt] else "hard core" if kept else "refusal removed by every edit"
+        groups[group].append(i)
+    print(f"layer {layer}; projection scaled so harmless mean = 0, harmful mean = 1; {len(edited)} chosen edits")
+    for name, rows in groups.items():
+        if rows:
+            print(f"{name} ({len(rows)}): projection median {statistics.median(strength[i] for i in rows):.2f}, "
+                  f"cosine median {statistics.median(cosine[i] for i in rows):.3f}")  # fmt: skip
+    print("hard core, most often refused first:")
+    for i in sorted(groups["hard core"], key=lambda i: -sum(e[heldout[i]] for e in edited)):
+        print(f"  {sum(e[heldout[i]] for e in edited)}/{len(edited)}  projection {strength[i]:.2f}  "
+              f"cosine {cosine[i]:.3f}  {heldout[i][:80]}")  # fmt: skip
+    ranked = sorted(range(len(heldout)), key=lambda i: -strength[i])
+    print(
+        "rank of each hard-core prompt by projection among the 100:",
+        sorted(ranked.index(i) + 1 for i in groups["hard core"]),
+    )
+
+
+if __name__ == "__main__":
+    main()
