@@ -44,6 +44,16 @@ def refused_by(folder: Path, model: str, detector: MarkerDetector) -> dict[str, 
     return {r["prompt"]: bool(v) for r, v in zip(rows, verdicts, strict=True)}
 
 
+def scores(residuals: torch.Tensor, geometry: RefusalGeometry, layer: int) -> tuple[list[float], list[float]]:
+    """Per prompt at `layer`: the projection on the direction (harmless mean 0, harmful mean 1) and
+    the cosine between the residual minus the harmless mean and the direction."""
+    direction = geometry.directions[layer]
+    low, high = geometry.harmless_mean[layer] @ direction, geometry.harmful_mean[layer] @ direction
+    centred = residuals[:, layer] - geometry.harmless_mean[layer]
+    strength = (residuals[:, layer] @ direction - low) / (high - low)
+    return strength.tolist(), (centred @ direction / centred.norm(dim=1)).tolist()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="+", type=Path, help="default_run.py output folders (same model)")
@@ -57,12 +67,8 @@ def main() -> None:
     heldout = harmbench_prompts(ROOT / "benchmarks" / ".cache", 100)
     base = refused_by(args.results[0], "base", detector)
     edited = [refused_by(folder, "best_trial", detector) for folder in args.results]
-    residuals = collect_residuals(load_model(settings), heldout, settings.system_prompt, args.batch_size)[:, layer]
-    direction = geometry.directions[layer]
-    low, high = geometry.harmless_mean[layer] @ direction, geometry.harmful_mean[layer] @ direction
-    strength = ((residuals @ direction - low) / (high - low)).tolist()
-    centred = residuals - geometry.harmless_mean[layer]
-    cosine = (centred @ direction / centred.norm(dim=1)).tolist()
+    residuals = collect_residuals(load_model(settings), heldout, settings.system_prompt, args.batch_size)
+    strength, cosine = scores(residuals, geometry, layer)
     groups: dict[str, list[int]] = {"answered unedited": [], "refusal removed by every edit": [], "hard core": []}
     for i, prompt in enumerate(heldout):
         kept = sum(e[prompt] for e in edited)
@@ -82,6 +88,12 @@ def main() -> None:
         "rank of each hard-core prompt by projection among the 100:",
         sorted(ranked.index(i) + 1 for i in groups["hard core"]),
     )
+    print("every layer's own direction, medians (projection / cosine): removed by every edit | hard core")
+    for other in range(geometry.num_layers):
+        s, c = scores(residuals, geometry, other)
+        cells = [f"{statistics.median(s[i] for i in groups[g]):.2f} / {statistics.median(c[i] for i in groups[g]):.3f}"
+                 for g in ("refusal removed by every edit", "hard core") if groups[g]]  # fmt: skip
+        print(f"  layer {other:2d}{' (used)' if other == layer else '       '}  {' | '.join(cells)}")
 
 
 if __name__ == "__main__":
