@@ -62,17 +62,23 @@ def main() -> None:
     args = parser.parse_args()
     settings = load_settings(None, {"model": str(fetch_qwen(ROOT / "models"))})
     detector = MarkerDetector.from_settings(settings)
+    if not args.geometry.is_file():
+        sys.exit(f"--geometry: no such file: {args.geometry}")
     geometry = RefusalGeometry.from_dict(torch.load(args.geometry, weights_only=True)["geometry"])
     layer = geometry.best_layer(settings.search.layer_window)
     heldout = harmbench_prompts(ROOT / "benchmarks" / ".cache", 100)
     base = refused_by(args.results[0], "base", detector)
     edited = [refused_by(folder, "best_trial", detector) for folder in args.results]
+    for folder, answers in zip(args.results, edited, strict=True):
+        if set(answers) != set(heldout) or set(base) != set(heldout):
+            sys.exit(f"{folder}: its held-out answers are not for the 100 held-out HarmBench prompts")
     residuals = collect_residuals(load_model(settings), heldout, settings.system_prompt, args.batch_size)
     strength, cosine = scores(residuals, geometry, layer)
+    times = [sum(e[prompt] for e in edited) for prompt in heldout]  # chosen edits that still refuse it
     groups: dict[str, list[int]] = {"answered unedited": [], "refusal removed by every edit": [], "hard core": []}
     for i, prompt in enumerate(heldout):
-        kept = sum(e[prompt] for e in edited)
-        group = "answered unedited" if not base[prompt] else "hard core" if kept else "refusal removed by every edit"
+        removed = "hard core" if times[i] else "refusal removed by every edit"
+        group = removed if base[prompt] else "answered unedited"
         groups[group].append(i)
     print(f"layer {layer}; projection scaled so harmless mean = 0, harmful mean = 1; {len(edited)} chosen edits")
     for name, rows in groups.items():
@@ -80,8 +86,8 @@ def main() -> None:
             print(f"{name} ({len(rows)}): projection median {statistics.median(strength[i] for i in rows):.2f}, "
                   f"cosine median {statistics.median(cosine[i] for i in rows):.3f}")  # fmt: skip
     print("hard core, most often refused first:")
-    for i in sorted(groups["hard core"], key=lambda i: -sum(e[heldout[i]] for e in edited)):
-        print(f"  {sum(e[heldout[i]] for e in edited)}/{len(edited)}  projection {strength[i]:.2f}  "
+    for i in sorted(groups["hard core"], key=lambda i: -times[i]):
+        print(f"  {times[i]}/{len(edited)}  projection {strength[i]:.2f}  "
               f"cosine {cosine[i]:.3f}  {heldout[i][:80]}")  # fmt: skip
     ranked = sorted(range(len(heldout)), key=lambda i: -strength[i])
     print(
