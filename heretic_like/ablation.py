@@ -31,11 +31,12 @@ class EditOptions:
     biproject: bool = False
     entanglement_threshold: float = 0.55
     mode: str = "lora"
+    second_peak: bool = False  # edits may carry a second peak: one more LoRA rank
 
     @classmethod
     def from_settings(cls, settings) -> EditOptions:
         return cls(settings.row_normalization, settings.full_normalization_lora_rank, settings.biproject_direction,
-                   settings.entanglement_threshold, settings.edit_mode)  # fmt: skip
+                   settings.entanglement_threshold, settings.edit_mode, settings.search.second_peak)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -45,20 +46,28 @@ class Edit:
     `direction_index` None means each layer uses its own directions; a float blends the two
     neighbouring layers' main directions (extra directions come from the nearest layer).
     `entangled_strength` scales directions whose capability entanglement exceeds the threshold.
+    `second_peak` (search.second_peak) is a second kernel, the same for every component, whose
+    layers are edited along their own main direction.
     """
 
     direction_index: float | None
     kernels: dict[str, Kernel]
     entangled_strength: float = 1.0
+    second_peak: Kernel | None = None
 
     def to_dict(self) -> dict:
-        return {"direction_index": self.direction_index, "entangled_strength": self.entangled_strength,
+        data = {"direction_index": self.direction_index, "entangled_strength": self.entangled_strength,
                 "kernels": {c: asdict(k) for c, k in self.kernels.items()}}  # fmt: skip
+        if self.second_peak is not None:  # absent otherwise: one-peak records stay as earlier versions wrote them
+            data["second_peak"] = asdict(self.second_peak)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> Edit:
         kernels = {c: Kernel(**k) for c, k in data["kernels"].items()}
-        return cls(data["direction_index"], kernels, data.get("entangled_strength", 1.0))
+        second = data.get("second_peak")
+        return cls(data["direction_index"], kernels, data.get("entangled_strength", 1.0),
+                   Kernel(**second) if second is not None else None)  # fmt: skip
 
     def layer_directions(self, directions: torch.Tensor) -> torch.Tensor:
         """(n_layers, d): the main direction each layer's edit removes."""
@@ -84,6 +93,38 @@ class Edit:
             entangled = geometry.entanglement[source] > options.entanglement_threshold  # NaN compares False
             out.append((basis, torch.where(entangled, self.entangled_strength, 1.0)))
         return out
+
+    def second_peak_bases(self, geometry: RefusalGeometry, options: EditOptions) -> list[Entry | None]:
+        """Per layer: the second peak's ((1, d) own main direction, (1,) strength), None where it is 0."""
+        n = geometry.num_layers
+        if self.second_peak is None:
+            return [None] * n
+        out: list[Entry | None] = []
+        for layer, weight in enumerate(self.second_peak.weights(n).tolist()):
+            own = geometry.directions[layer : layer + 1]
+            if options.biproject:
+                own = biproject(own, geometry.harmless_mean[layer])
+            out.append((own, torch.tensor([weight], dtype=torch.float32)) if weight != 0.0 else None)
+        return out
+
+
+Entry = tuple[torch.Tensor, torch.Tensor]  # one module's edit: ((k, d) orthonormal basis, (k,) strengths)
+
+
+def stack_edits(first: Entry | None, second: Entry | None) -> Entry | None:
+    """Two edits of one module as one: the second's directions made orthogonal to the first's, so
+    it removes only what the first leaves (a direction the first already removes adds a zero row,
+    which edits nothing) and the basis stays orthonormal, as the projection needs."""
+    if first is None or second is None:
+        return first if second is None else second
+    (basis, strengths), (more, more_strengths) = first, second
+    extra = orthonormalize(more.to(basis.dtype), against=basis)
+    # a direction the first already removes leaves a float32 rounding residue (~1e-8) that
+    # Gram-Schmidt would blow up into an arbitrary unit row: such rows become zero instead
+    m, b = more.double(), basis.double()
+    left = (m - (m @ b.T) @ b).norm(dim=1)
+    extra[left < 1e-4 * m.norm(dim=1)] = 0
+    return torch.cat([basis, extra]), torch.cat([strengths.float(), more_strengths.float()])
 
 
 @dataclass
@@ -115,7 +156,8 @@ class Abliterator:
         for warning in loaded.target_warnings(self.components):
             print(f"WARNING: {warning}", file=sys.stderr)
         full = self.options.row_normalization == "full"
-        self.rank = self.options.full_normalization_lora_rank if full else geometry.directions_per_layer
+        self.rank = (self.options.full_normalization_lora_rank if full
+                     else geometry.directions_per_layer + int(self.options.second_peak))  # fmt: skip
         self.linear: EditBackend | None = None
         if self.options.mode == "hooks":
             self.linear = HookBackend()
@@ -156,17 +198,21 @@ class Abliterator:
         for backend in self.backends:
             backend.clear()
 
-    def plan(self, edit: Edit) -> dict[str, list[tuple[torch.Tensor, torch.Tensor] | None]]:
-        """Per component and layer: (basis, strengths) to apply, or None where the kernel is 0."""
+    def plan(self, edit: Edit) -> dict[str, list[Entry | None]]:
+        """Per component and layer: (basis, strengths) to apply, or None where every kernel is 0."""
+        if edit.second_peak is not None and not self.options.second_peak:
+            # the LoRA has no rank for it: fail before any module is touched, not inside peft
+            raise ValueError("this edit has a second peak, but the editor was set up without search.second_peak")
         bases = edit.layer_bases(self.geometry, self.options)
+        second = edit.second_peak_bases(self.geometry, self.options)
         n = self.geometry.num_layers
-        out: dict[str, list[tuple[torch.Tensor, torch.Tensor] | None]] = {}
+        out: dict[str, list[Entry | None]] = {}
         for component in self.components:
             kernel = edit.kernels.get(component)
             weights = kernel.weights(n) if kernel else torch.zeros(n, dtype=torch.float64)
             out[component] = [
-                (basis, float(w) * mult) if float(w) != 0.0 else None
-                for (basis, mult), w in zip(bases, weights, strict=True)
+                stack_edits((basis, float(w) * mult) if float(w) != 0.0 else None, extra)
+                for (basis, mult), w, extra in zip(bases, weights, second, strict=True)
             ]
         return out
 

@@ -111,6 +111,10 @@ class SearchSpace(_Strict):
     min_weight_distance: Range
     kernel_shape: list[Literal["tent", "cosine", "exponential"]] = Field(min_length=1)
     entangled_strength: Range
+    second_peak: bool
+    second_peak_weight: Range
+    second_peak_position: Range
+    second_peak_distance: Range
     top_quality_layers: int = Field(ge=0)
     seed_best_layer: bool
 
@@ -122,14 +126,16 @@ class SearchSpace(_Strict):
     @model_validator(mode="after")
     def _bounds(self) -> SearchSpace:
         for name in ("direction_index", "max_weight_position", "min_weight", "min_weight_distance",
-                     "entangled_strength"):
+                     "entangled_strength", "second_peak_position", "second_peak_distance"):
             rng: Range = getattr(self, name)
             if rng.low < 0 or rng.high > 1:
                 raise ValueError(f"{name} must lie within [0, 1] (a fraction), got [{rng.low}, {rng.high}]")
-        if self.min_weight_distance.low <= 0:
-            raise ValueError("min_weight_distance.low must be > 0")
-        if self.max_weight.low < 0:
-            raise ValueError("max_weight.low must be >= 0")
+        for name in ("min_weight_distance", "second_peak_distance"):
+            if getattr(self, name).low <= 0:
+                raise ValueError(f"{name}.low must be > 0")
+        for name in ("max_weight", "second_peak_weight"):
+            if getattr(self, name).low < 0:
+                raise ValueError(f"{name}.low must be >= 0")
         return self
 
 

@@ -28,7 +28,9 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
         row["direction_index"] = "per layer" if index is None else round(index, 2)
         if edit.get("entangled_strength", 1.0) != 1.0:
             row["entangled_strength"] = round(edit["entangled_strength"], 3)
-        for component, kernel in edit.get("kernels", {}).items():
+        for component, kernel in [*edit.get("kernels", {}).items(), ("second_peak", edit.get("second_peak"))]:
+            if kernel is None:  # no second peak
+                continue
             for key, value in kernel.items():
                 if key != "shape":
                     row[f"{component}.{key}"] = round(value, 2)

@@ -52,7 +52,16 @@ def sample_edit(trial: optuna.Trial, space: SearchSpace, geometry: RefusalGeomet
     if entanglement_aware:
         strength = trial.suggest_float("entangled_strength", space.entangled_strength.low,
                                        space.entangled_strength.high)  # fmt: skip
-    return Edit(index, kernels, strength)
+    second = None
+    if space.second_peak:  # one tent for every component, falling to 0: three numbers, not 4 per component
+        second = Kernel(trial.suggest_float("second_peak.max_weight", space.second_peak_weight.low,
+                                            space.second_peak_weight.high),
+                        trial.suggest_float("second_peak.max_weight_position", space.second_peak_position.low * last,
+                                            space.second_peak_position.high * last),
+                        0.0,
+                        trial.suggest_float("second_peak.min_weight_distance", space.second_peak_distance.low * last,
+                                            space.second_peak_distance.high * last))  # fmt: skip
+    return Edit(index, kernels, strength, second)
 
 
 def best_layer_seed(space: SearchSpace, geometry: RefusalGeometry) -> dict[str, float | str]:

@@ -62,6 +62,8 @@ def test_override_values_parse_as_toml_or_text():
         ('dtypes = ["float8"]', "key 'dtypes.0'"),
         ("[search]\ndirection_index = { low = 0.9, high = 0.2 }", "key 'search.direction_index'"),
         ("[search]\nmin_weight_distance = { low = 0.0, high = 0.2 }", "min_weight_distance.low must be > 0"),
+        ("[search]\nsecond_peak_distance = { low = 0.0, high = 0.2 }", "second_peak_distance.low must be > 0"),
+        ("[search]\nsecond_peak_position = { low = 0.2, high = 1.5 }", "second_peak_position must lie within"),
         ('[search]\ncomponents = ["mlp.up_proj"]', "key 'search.components.0'"),
         ('[search]\nkernel_shape = ["gauss"]', "key 'search.kernel_shape.0'"),
         ("[search]\nkernel_shape = []", "key 'search.kernel_shape'"),
