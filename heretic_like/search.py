@@ -8,10 +8,10 @@ from collections import Counter
 import optuna
 
 from .ablation import Edit
-from .config import SearchSpace
 from .directions import RefusalGeometry
 from .kernel import Kernel
 from .records import StudyRecord
+from .space import SearchSpace
 
 
 def sample_edit(trial: optuna.Trial, space: SearchSpace, geometry: RefusalGeometry,
