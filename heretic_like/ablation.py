@@ -118,12 +118,7 @@ def stack_edits(first: Entry | None, second: Entry | None) -> Entry | None:
     if first is None or second is None:
         return first if second is None else second
     (basis, strengths), (more, more_strengths) = first, second
-    extra = orthonormalize(more.to(basis.dtype), against=basis)
-    # a direction the first already removes leaves a float32 rounding residue (~1e-8) that
-    # Gram-Schmidt would blow up into an arbitrary unit row: such rows become zero instead
-    m, b = more.double(), basis.double()
-    left = (m - (m @ b.T) @ b).norm(dim=1)
-    extra[left < 1e-4 * m.norm(dim=1)] = 0
+    extra = orthonormalize(more.to(basis.dtype), against=basis, rtol=1e-4)  # a restated direction: a zero row
     return torch.cat([basis, extra]), torch.cat([strengths.float(), more_strengths.float()])
 
 

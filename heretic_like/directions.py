@@ -137,16 +137,20 @@ def entanglement(capability: torch.Tensor, harmful_mean: torch.Tensor, harmless_
     return spread / (spread + gap).clamp_min(1e-12)
 
 
-def orthonormalize(vectors: torch.Tensor, against: torch.Tensor | None = None) -> torch.Tensor:
+def orthonormalize(vectors: torch.Tensor, against: torch.Tensor | None = None, rtol: float = 0.0) -> torch.Tensor:
     """Gram-Schmidt in float64: rows of `vectors` made orthonormal (and orthogonal to the unit
-    rows of `against`), keeping each row's sign and order; near-dependent rows become zero."""
+    rows of `against`), keeping each row's sign and order; near-dependent rows become zero: what
+    is left of a row is at most 1e-8, or at most `rtol` of the row's norm (float32 inputs that
+    restate a basis row leave a rounding residue ~1e-8 of their norm, which `rtol` = 1e-4 drops
+    instead of blowing it up into an arbitrary unit row)."""
     basis = [] if against is None else [a.double() for a in against]
     fixed = len(basis)
     for v in vectors.double():
+        floor = max(1e-8, rtol * float(v.norm()))
         for b in basis:
             v = v - (v @ b) * b
         norm = v.norm()
-        basis.append(v / norm if norm > 1e-8 else torch.zeros_like(v))
+        basis.append(v / norm if norm > floor else torch.zeros_like(v))
     return torch.stack(basis[fixed:]).to(vectors.dtype) if len(basis) > fixed else vectors[:0]
 
 
