@@ -55,6 +55,10 @@ class Edit:
     entangled_strength: float = 1.0
     second_peak: Kernel | None = None
 
+    def named_kernels(self) -> dict[str, Kernel]:
+        """Every kernel under the name records and reports give it: the components', then `second_peak`."""
+        return {**self.kernels, **({"second_peak": self.second_peak} if self.second_peak is not None else {})}
+
     def to_dict(self) -> dict:
         data = {"direction_index": self.direction_index, "entangled_strength": self.entangled_strength,
                 "kernels": {c: asdict(k) for c, k in self.kernels.items()}}  # fmt: skip

@@ -100,8 +100,7 @@ def model_card(settings: Settings, study: optuna.Study, trial: TrialRecord, edit
             ("directions_per_layer", str(settings.directions_per_layer))]
     if settings.capability_prompts is not None:
         rows.append(("entangled_strength", f"{edit.entangled_strength:.3f}"))
-    kernels = {**edit.kernels, **({"second_peak": edit.second_peak} if edit.second_peak is not None else {})}
-    for component, kernel in kernels.items():
+    for component, kernel in edit.named_kernels().items():
         for key, value in vars(kernel).items():
             rows.append((f"{component}.{key}", value if isinstance(value, str) else f"{value:.2f}"))
     params = "\n".join(f"| {k} | {v} |" for k, v in rows)

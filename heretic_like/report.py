@@ -84,11 +84,10 @@ def plot_pareto(study: optuna.Study, chosen: int | None, path: Path) -> None:
 
 def plot_kernels(edit: Edit, num_layers: int, number: int, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    for component, kernel in edit.kernels.items():
-        ax.plot(range(num_layers), kernel.weights(num_layers).numpy(), marker="o", ms=3, label=component)
-    if edit.second_peak is not None:
-        ax.plot(range(num_layers), edit.second_peak.weights(num_layers).numpy(), marker="s", ms=3, ls="--",
-                label="second peak (each layer's own direction)")  # fmt: skip
+    for name, kernel in edit.named_kernels().items():
+        style = dict(marker="o", label=name) if name in edit.kernels else \
+            dict(marker="s", ls="--", label="second peak (each layer's own direction)")  # fmt: skip
+        ax.plot(range(num_layers), kernel.weights(num_layers).numpy(), ms=3, **style)
     index = "each layer's own" if edit.direction_index is None else f"layer {edit.direction_index:.4g}"
     if edit.direction_index is not None:
         ax.axvline(edit.direction_index, ls=":", c="0.3", label="the direction's layer")

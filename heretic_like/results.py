@@ -28,10 +28,8 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
         row["direction_index"] = "per layer" if index is None else round(index, 2)
         if edit.get("entangled_strength", 1.0) != 1.0:
             row["entangled_strength"] = round(edit["entangled_strength"], 3)
-        for component, kernel in [*edit.get("kernels", {}).items(), ("second_peak", edit.get("second_peak"))]:
-            if kernel is None:  # no second peak
-                continue
-            for key, value in kernel.items():
+        for component, kernel in (t.edit.named_kernels() if edit else {}).items():
+            for key, value in vars(kernel).items():
                 if key != "shape":
                     row[f"{component}.{key}"] = round(value, 2)
                 elif value != "tent":  # a column only when some trial's kernel is not a tent

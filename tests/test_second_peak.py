@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -123,6 +124,13 @@ def test_a_study_with_a_second_peak_exports_merged_and_adapter_alike(tiny_llama,
     assert main(["export", "--study", str(journal), "--trial", "0", "--out", str(adapter),
                  "--export-strategy", "adapter"]) == 0  # fmt: skip
     assert "second_peak.max_weight" in (merged / "README.md").read_text()
+    # the report's trials table and kernel plot carry the second peak beside the components' kernels
+    report = tmp_path / "report"
+    assert main(["report", "--study", str(journal), "--out", str(report), "--trial", "0"]) == 0
+    table = pd.read_csv(report / "trials.csv")
+    assert table.loc[0, "second_peak.max_weight"] == 0.8
+    assert {f"{c}.max_weight" for c in COMPONENTS} <= set(table.columns)
+    assert (report / "kernels_trial0.png").stat().st_size > 0
     tokenizer = AutoTokenizer.from_pretrained(merged)
     merged_logits = export_logits(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32), tokenizer)
     base = AutoModelForCausalLM.from_pretrained(Path(tiny_llama), dtype=torch.float32)
