@@ -15,7 +15,8 @@ of the same model (checked), which saves the half of the scoring that does not d
 
 Arguments after `--` go to the command (the quick variant); the summary records them. The run
 happens in `benchmarks/.cache/default-run/` with HOME pointing inside it, so nothing cached from
-earlier runs is reused. Writes `summary.json`, `summary.md`, `run.log` and `heldout_responses.json` to `--out`.
+earlier runs is reused. Writes `summary.json`, `summary.md`, `run.log`, `heldout_responses.json` and the
+finished study (`checkpoints/`: its journal and directions, for reading any trial's parameters) to `--out`.
 """
 
 from __future__ import annotations
@@ -224,6 +225,9 @@ def main() -> None:
                     "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2)}
         if returncode != 0 and list((work / "checkpoints").glob("*.journal")):
             save_part(work, out, measured, parts)  # exits: resume with --resume-from
+        if returncode == 0:  # keep the finished study beside its scores (a resumed run's copy is a stale part)
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+            shutil.copytree(work / "checkpoints", out / "checkpoints")
         if parts:  # the whole study's cost: every part's time, the highest peak
             measured = {**measured, "seconds": round(measured["seconds"] + sum(p["seconds"] for p in parts), 1),
                         "peak_rss_gib": max([measured["peak_rss_gib"], *(p["peak_rss_gib"] for p in parts)]),
