@@ -225,9 +225,12 @@ def main() -> None:
                     "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2)}
         if returncode != 0 and list((work / "checkpoints").glob("*.journal")):
             save_part(work, out, measured, parts)  # exits: resume with --resume-from
-        if returncode == 0:  # keep the finished study beside its scores (a resumed run's copy is a stale part)
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
-            shutil.copytree(work / "checkpoints", out / "checkpoints")
+        if returncode == 0:  # keep the finished study beside its scores (a resumed run's copy is a stale part);
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)  # files only: the export (GBs) is a folder there
+            (out / "checkpoints").mkdir()
+            for path in (work / "checkpoints").iterdir():
+                if path.is_file():
+                    shutil.copy2(path, out / "checkpoints")
         if parts:  # the whole study's cost: every part's time, the highest peak
             measured = {**measured, "seconds": round(measured["seconds"] + sum(p["seconds"] for p in parts), 1),
                         "peak_rss_gib": max([measured["peak_rss_gib"], *(p["peak_rss_gib"] for p in parts)]),
