@@ -83,6 +83,17 @@ def save_part(work: Path, out: Path, measured: dict, parts: list[dict]) -> None:
              f"in {out / 'checkpoints'} and its log in {log}: run again with --resume-from {out}")
 
 
+def keep_study(work: Path, out: Path) -> None:
+    """Keep the finished study (journal, directions, layer metrics) beside its scores, so any
+    trial's parameters can be read later; a resumed run's earlier copy is a stale part and goes.
+    Files only: the exported model (GBs) is a folder in the same place."""
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    (out / "checkpoints").mkdir()
+    for path in (work / "checkpoints").iterdir():
+        if path.is_file():
+            shutil.copy2(path, out / "checkpoints")
+
+
 def resume_parts(folder: Path, work: Path) -> list[dict]:
     """Put a stopped run's checkpoints into the fresh work folder (the command resumes that study)
     and return its earlier parts' costs."""
@@ -225,12 +236,8 @@ def main() -> None:
                     "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2)}
         if returncode != 0 and list((work / "checkpoints").glob("*.journal")):
             save_part(work, out, measured, parts)  # exits: resume with --resume-from
-        if returncode == 0:  # keep the finished study beside its scores (a resumed run's copy is a stale part);
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)  # files only: the export (GBs) is a folder there
-            (out / "checkpoints").mkdir()
-            for path in (work / "checkpoints").iterdir():
-                if path.is_file():
-                    shutil.copy2(path, out / "checkpoints")
+        if returncode == 0:
+            keep_study(work, out)
         if parts:  # the whole study's cost: every part's time, the highest peak
             measured = {**measured, "seconds": round(measured["seconds"] + sum(p["seconds"] for p in parts), 1),
                         "peak_rss_gib": max([measured["peak_rss_gib"], *(p["peak_rss_gib"] for p in parts)]),
