@@ -6,7 +6,8 @@ not stopped at the first marker) are judged again by
 a judge detector (the 1.5B testbed model, or `--judge-model`) and the disagreements listed
 (`--judge-only` does just that for a finished `--out`).
 
-A run stopped part-way (Ctrl-C, or a session that ends before a 1.5B study does) keeps its study
+A run stopped part-way (Ctrl-C, `kill` (SIGTERM) on this script or the command, or a session
+that ends before a 1.5B study does) keeps its study
 in `--out`; `--resume-from OUT` with the same arguments continues it, and the summary adds the
 parts' times. `--base-from OUT` reuses the unedited model's held-out scores from an earlier run
 of the same model (checked), which saves the half of the scoring that does not depend on the study.
@@ -28,6 +29,7 @@ import platform
 import re
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -228,10 +230,14 @@ def main() -> None:
         with open(out / "run.log", "w") as log:
             child = subprocess.Popen(command, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)  # fmt: skip
+            # `kill` (SIGTERM) on this script reaches the command as well: it stops at its next trial
+            # boundary like a Ctrl-C, and this script keeps its study (a background run ignores Ctrl-C)
+            signal.signal(signal.SIGTERM, lambda *_: child.send_signal(signal.SIGTERM))
             try:
                 returncode = child.wait()
             except KeyboardInterrupt:  # the command got the Ctrl-C too and stops at its next trial boundary:
                 returncode = child.wait()  # wait for it (subprocess.run would kill it), then keep its study
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
         measured = {"seconds": round(time.perf_counter() - started, 1), "returncode": returncode,
                     "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2)}
         if returncode != 0 and list((work / "checkpoints").glob("*.journal")):

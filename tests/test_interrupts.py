@@ -52,3 +52,32 @@ def test_an_ignored_sigint_stays_ignored():
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@pytest.fixture
+def default_sigterm():
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_sigterm_stops_the_study_like_a_ctrl_c(default_sigterm):
+    with noting_interrupts() as noted:
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1_000_000):  # the handler runs at the next bytecode boundary
+                pass
+        assert noted == [signal.SIGTERM]
+        with pytest.raises(KeyboardInterrupt):
+            stop_if_interrupted(noted)(None, None)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored: outside a study it kills
+
+
+def test_a_sigterm_handled_or_ignored_elsewhere_is_left_alone():
+    for theirs in (signal.SIG_IGN, lambda *_: None):
+        previous = signal.signal(signal.SIGTERM, theirs)
+        try:
+            with noting_interrupts():
+                assert signal.getsignal(signal.SIGTERM) is theirs
+        finally:
+            signal.signal(signal.SIGTERM, previous)

@@ -190,6 +190,27 @@ def test_kill_nine_mid_study_then_resume(tiny_llama, tmp_path):
     assert len(after) == len(done) + 2 and set(done) <= set(after)
 
 
+def test_sigterm_mid_study_saves_finished_trials_and_leaves_none_running(tiny_llama, tmp_path):
+    # What `kill`, a scheduler or `docker stop` sends; a background job ignores Ctrl-C.
+    config = study_config(tmp_path, tiny_llama, n_trials=1_000_000, max_response_length=24)
+    cmd = [sys.executable, "-m", "heretic_like", "--config", str(config)]
+    log = tmp_path / "stderr.log"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        _wait_for_trials(proc, log, 2, "stopped")
+        proc.send_signal(signal.SIGTERM)
+        returncode = proc.wait(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert returncode == 130, log.read_text()[-2000:]
+    assert "interrupted: finished trials are saved" in log.read_text()
+    study = load_existing_study(str(_journal(tmp_path)), None)
+    assert [t.number for t in study.trials if t.state.name == "RUNNING"] == []
+    assert len(_completed(_journal(tmp_path))) >= 2
+
+
 def test_dominated_trials_are_pruned_and_counted(refusing_model, tmp_path):
     config = study_config(tmp_path, refusing_model, n_trials=8, n_startup_trials=8)
     settings = load_settings(str(config))
