@@ -51,6 +51,16 @@ def _wait_for_trials(proc: subprocess.Popen, log: Path, count: int, action: str)
     raise AssertionError(f"no {count} finished trials within 120 s: the study could not be {action}")
 
 
+def _start_study(tmp_path: Path, config: Path) -> tuple[list[str], subprocess.Popen, Path]:
+    """The study as a user runs it, in a child process whose progress goes to a log file (not a
+    pipe: a full pipe would stall the child). Returns the command, the process and the log."""
+    cmd = [sys.executable, "-m", "heretic_like", "--config", str(config)]
+    log = tmp_path / "stderr.log"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=stderr)
+    return cmd, proc, log
+
+
 def test_objectives_follow_the_reference_semantics():
     assert objectives(5, 0.5, 10, 1.0, 0.01) == (0.5, 0.5)
     assert objectives(5, 0.5, 10, 2.0, 0.01) == (0.25, 0.5)
@@ -170,11 +180,7 @@ def test_kill_nine_mid_study_then_resume(tiny_llama, tmp_path):
     # More trials than can finish before the signal: pruned trials take milliseconds (a CI run
     # finished 2,000 in 71 s while the journal was still being polled).
     config = study_config(tmp_path, tiny_llama, n_trials=1_000_000, max_response_length=24)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "heretic_like", "--config", str(config)]
-    log = tmp_path / "stderr.log"  # a file, not a pipe: a full pipe would stall the child
-    with log.open("w") as stderr:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+    cmd, proc, log = _start_study(tmp_path, config)
     try:
         _wait_for_trials(proc, log, 2, "killed")
     finally:
@@ -183,7 +189,7 @@ def test_kill_nine_mid_study_then_resume(tiny_llama, tmp_path):
     journal = _journal(tmp_path)
     done = _completed(journal)
     assert 2 <= len(done) < 40
-    result = subprocess.run(cmd + ["--n-trials", str(len(done) + 2)], cwd=tmp_path, env=env,
+    result = subprocess.run(cmd + ["--n-trials", str(len(done) + 2)], cwd=tmp_path, env=_env(),
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     after = _completed(journal)
@@ -193,10 +199,7 @@ def test_kill_nine_mid_study_then_resume(tiny_llama, tmp_path):
 def test_sigterm_mid_study_saves_finished_trials_and_leaves_none_running(tiny_llama, tmp_path):
     # What `kill`, a scheduler or `docker stop` sends; a background job ignores Ctrl-C.
     config = study_config(tmp_path, tiny_llama, n_trials=1_000_000, max_response_length=24)
-    cmd = [sys.executable, "-m", "heretic_like", "--config", str(config)]
-    log = tmp_path / "stderr.log"
-    with log.open("w") as stderr:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=stderr)
+    _, proc, log = _start_study(tmp_path, config)
     try:
         _wait_for_trials(proc, log, 2, "stopped")
         proc.send_signal(signal.SIGTERM)
@@ -253,7 +256,7 @@ def test_ctrl_c_mid_study_exits_cleanly_then_resumes(tiny_llama, tmp_path):
     # More trials than can finish before the signal: pruned trials take milliseconds (a CI run
     # finished 2,000 in 71 s while the journal was still being polled).
     config = study_config(tmp_path, tiny_llama, n_trials=1_000_000, max_response_length=24)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = _env()
     cmd = [sys.executable, "-m", "heretic_like", "--config", str(config)]
     log = tmp_path / "stderr.log"  # a file, not a pipe: a full pipe would stall the child
     with log.open("w") as stderr:
@@ -515,10 +518,7 @@ def test_a_live_workers_running_trial_is_never_failed_by_another_process(tiny_ll
     from heretic_like.store import fail_stale_trials
 
     config = study_config(tmp_path, tiny_llama, n_trials=2000, max_response_length=24)
-    cmd = [sys.executable, "-m", "heretic_like", "--config", str(config)]
-    log = tmp_path / "stderr.log"
-    with log.open("w") as stderr:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=stderr)
+    _, proc, log = _start_study(tmp_path, config)
     try:
         _wait_for_trials(proc, log, 1, "checked")
         checked = 0
