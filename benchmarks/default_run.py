@@ -68,6 +68,18 @@ def score(settings, loaded, prompts: list[str], length: int, batch_size: int,
     return counted.refusals, refused, time.perf_counter() - started, every
 
 
+def keep_study(work: Path, out: Path) -> None:
+    """Keep the study (journal, directions, layer metrics) beside its scores: a stopped part's, for
+    `--resume-from`, or a finished one's, so any trial's parameters can be read later; an earlier
+    part's copy is stale and goes.
+    Files only: the exported model (GBs) is a folder in the same place."""
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    (out / "checkpoints").mkdir()
+    for path in (work / "checkpoints").iterdir():
+        if path.is_file():
+            shutil.copy2(path, out / "checkpoints")
+
+
 def save_part(work: Path, out: Path, measured: dict, parts: list[dict]) -> None:
     """The command stopped (Ctrl-C, SIGTERM, a session's end) with a study on disk: keep its checkpoints
     (journal, directions) and this part's cost in `out`, so a later `--resume-from out` continues
@@ -75,7 +87,7 @@ def save_part(work: Path, out: Path, measured: dict, parts: list[dict]) -> None:
     (journal,) = (work / "checkpoints").glob("*.journal")
     study = load_existing_study(str(journal), None)
     fail_stale_trials(study)  # the trial the stop cut short, marked here: on another host it could not be
-    shutil.copytree(work / "checkpoints", out / "checkpoints", dirs_exist_ok=True)
+    keep_study(work, out)
     done = len(StudyRecord(study).trials())  # complete or pruned: what a resume counts as done
     part = {**measured, "finished_trials": done, "ended": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     log = out / f"run-part-{len(parts) + 1}.log"
@@ -83,17 +95,6 @@ def save_part(work: Path, out: Path, measured: dict, parts: list[dict]) -> None:
     (out / "parts.json").write_text(json.dumps([*parts, part], indent=1) + "\n")
     sys.exit(f"the command stopped ({measured['returncode']}) after {done} finished trials; its study is kept "
              f"in {out / 'checkpoints'} and its log in {log}: run again with --resume-from {out}")
-
-
-def keep_study(work: Path, out: Path) -> None:
-    """Keep the finished study (journal, directions, layer metrics) beside its scores, so any
-    trial's parameters can be read later; a resumed run's earlier copy is a stale part and goes.
-    Files only: the exported model (GBs) is a folder in the same place."""
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    (out / "checkpoints").mkdir()
-    for path in (work / "checkpoints").iterdir():
-        if path.is_file():
-            shutil.copy2(path, out / "checkpoints")
 
 
 def resume_parts(folder: Path, work: Path) -> list[dict]:
@@ -232,12 +233,13 @@ def main() -> None:
                                      stdin=subprocess.DEVNULL)  # fmt: skip
             # `kill` (SIGTERM) on this script reaches the command as well: it stops at its next trial
             # boundary like a Ctrl-C, and this script keeps its study (a background run ignores Ctrl-C)
-            signal.signal(signal.SIGTERM, lambda *_: child.send_signal(signal.SIGTERM))
+            previous = signal.signal(signal.SIGTERM, lambda *_: child.send_signal(signal.SIGTERM))
             try:
                 returncode = child.wait()
             except KeyboardInterrupt:  # the command got the Ctrl-C too and stops at its next trial boundary:
                 returncode = child.wait()  # wait for it (subprocess.run would kill it), then keep its study
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            finally:
+                signal.signal(signal.SIGTERM, previous)
         measured = {"seconds": round(time.perf_counter() - started, 1), "returncode": returncode,
                     "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2)}
         if returncode != 0 and list((work / "checkpoints").glob("*.journal")):
