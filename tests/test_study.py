@@ -51,13 +51,14 @@ def _wait_for_trials(proc: subprocess.Popen, log: Path, count: int, action: str)
     raise AssertionError(f"no {count} finished trials within 120 s: the study could not be {action}")
 
 
-def _start_study(tmp_path: Path, config: Path) -> tuple[list[str], subprocess.Popen, Path]:
+def _start_study(tmp_path: Path, config: Path, preexec_fn=None) -> tuple[list[str], subprocess.Popen, Path]:
     """The study as a user runs it, in a child process whose progress goes to a log file (not a
     pipe: a full pipe would stall the child). Returns the command, the process and the log."""
     cmd = [sys.executable, "-m", "heretic_like", "--config", str(config)]
     log = tmp_path / "stderr.log"
     with log.open("w") as stderr:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=stderr)
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=stderr,
+                                preexec_fn=preexec_fn)  # fmt: skip
     return cmd, proc, log
 
 
@@ -256,14 +257,9 @@ def test_ctrl_c_mid_study_exits_cleanly_then_resumes(tiny_llama, tmp_path):
     # More trials than can finish before the signal: pruned trials take milliseconds (a CI run
     # finished 2,000 in 71 s while the journal was still being polled).
     config = study_config(tmp_path, tiny_llama, n_trials=1_000_000, max_response_length=24)
-    env = _env()
-    cmd = [sys.executable, "-m", "heretic_like", "--config", str(config)]
-    log = tmp_path / "stderr.log"  # a file, not a pipe: a full pipe would stall the child
-    with log.open("w") as stderr:
-        # SIG_DFL in the child: a shell that runs the suite in the background hands it SIGINT
-        # ignored, and Python then never turns Ctrl-C into KeyboardInterrupt (as a user's nohup wants)
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    # SIG_DFL in the child: a shell that runs the suite in the background hands it SIGINT
+    # ignored, and Python then never turns Ctrl-C into KeyboardInterrupt (as a user's nohup wants)
+    cmd, proc, log = _start_study(tmp_path, config, lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         _wait_for_trials(proc, log, 1, "interrupted")
         proc.send_signal(signal.SIGINT)
@@ -282,7 +278,7 @@ def test_ctrl_c_mid_study_exits_cleanly_then_resumes(tiny_llama, tmp_path):
     done = _completed(journal)
     states = {t.state.name for t in load_existing_study(str(journal), None).trials}
     assert "RUNNING" not in states  # the trial in flight was closed, not left dangling
-    result = subprocess.run(cmd + ["--n-trials", str(len(done) + 1)], cwd=tmp_path, env=env,
+    result = subprocess.run(cmd + ["--n-trials", str(len(done) + 1)], cwd=tmp_path, env=_env(),
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(_completed(journal)) == len(done) + 1
