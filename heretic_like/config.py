@@ -67,10 +67,13 @@ def prompt_spec_identity(spec: dict[str, Any]) -> dict[str, Any]:
 
 def normal_identity(identity: dict[str, Any]) -> dict[str, Any]:
     """A study identity in the one form stored and compared: prompt sets as `prompt_spec_identity`
-    gives them, `model_commit` (added later) absent while unset."""
+    gives them; keys added later absent at the value every earlier study had (`model_commit` unset,
+    `direction_position` -1), so those studies keep their fingerprint and resume."""
     out = {key: prompt_spec_identity(v) if isinstance(v, dict) and "dataset" in v else v for key, v in identity.items()}
     if out.get("model_commit", "") is None:
         del out["model_commit"]
+    if out.get("direction_position") == -1:
+        del out["direction_position"]
     return out
 
 
@@ -127,6 +130,7 @@ class Settings(_Strict):
     orthogonalize_direction: bool
     winsorization_quantile: float = Field(gt=0, le=1)
     filter_direction_prompts: bool
+    direction_position: int = Field(le=-1)
     row_normalization: Literal["none", "pre", "full"]
     full_normalization_lora_rank: int = Field(ge=1, le=64)
     biproject_direction: bool
@@ -199,7 +203,8 @@ class Settings(_Strict):
         "thinking_tags", "max_response_length", "kl_divergence_scale", "kl_divergence_target", "refusal_markers",
         "ignore_echoed_markers", "unanswered_is_refusal", "refusal_detector", "refusal_judge_model",
         "refusal_judge_url",
-        "orthogonalize_direction", "winsorization_quantile", "filter_direction_prompts", "row_normalization",
+        "orthogonalize_direction", "winsorization_quantile", "filter_direction_prompts", "direction_position",
+        "row_normalization",
         "full_normalization_lora_rank", "biproject_direction", "directions_per_layer", "direction_candidates",
         "entanglement_threshold", "search", "good_prompts", "bad_prompts", "good_evaluation_prompts",
         "bad_evaluation_prompts", "capability_prompts",

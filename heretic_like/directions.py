@@ -1,7 +1,8 @@
 """Refusal directions from residual activations (pure tensor maths plus one collection pass).
 
-Layer i's direction is measured at the output of decoder layer i, at the last prompt token: that
-is the stream the edits of layer i's o_proj and down_proj write into.
+Layer i's direction is measured at the output of decoder layer i, at the last prompt token (or the
+token `direction_position` names): that is the stream the edits of layer i's o_proj and down_proj
+write into.
 """
 
 from __future__ import annotations
@@ -13,16 +14,17 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .errors import HereticError
 from .model import LoadedModel, chat_texts, encode
 
 
 @torch.inference_mode()
 def collect_residuals(
     loaded: LoadedModel, prompts: list[str], system_prompt: str | None, batch_size: int, desc: str = "residuals",
-    response_prefix: str = "",
+    response_prefix: str = "", position: int = -1,
 ) -> torch.Tensor:
-    """(n_prompts, n_layers, d_model) fp32 residuals at the last prompt token (that is, after the
-    response prefix, where the answer begins), on the CPU.
+    """(n_prompts, n_layers, d_model) fp32 residuals at prompt token `position` counted from the end
+    (-1: the last, after the response prefix, where the answer begins), on the CPU.
 
     Read by forward hooks on the decoder layers, one position each: `output_hidden_states` would
     keep every position of every layer (the biggest activation peak of a run), and its last entry
@@ -35,7 +37,7 @@ def collect_residuals(
     def keeper(index: int):
         def hook(module, args, output):
             hidden = output[0] if isinstance(output, tuple) else output
-            seen[index] = hidden[:, -1, :].float().cpu()
+            seen[index] = hidden[:, position, :].float().cpu()
 
         return hook
 
@@ -44,6 +46,13 @@ def collect_residuals(
     try:
         for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", leave=False):
             batch = encode(loaded.tokenizer, texts[start : start + batch_size], loaded.device)
+            # Rows are left-padded: a prompt shorter than -position tokens would be read at padding,
+            # a residual of no prompt at all. An error naming it, not a silently wrong mean.
+            short = (batch["attention_mask"][:, position] == 0).nonzero()
+            if len(short):
+                prompt = prompts[start + int(short[0, 0])]
+                raise HereticError(f"direction_position = {position}: the prompt {prompt[:60]!r} has fewer than "
+                                   f"{-position} tokens with the chat template")  # fmt: skip
             loaded.model(**batch, use_cache=False, logits_to_keep=1)
             out.append(torch.stack(seen, dim=1))
     finally:

@@ -27,13 +27,15 @@ class GeometryOptions:
     orthogonalize: bool
     directions_per_layer: int
     direction_candidates: int
+    position: int  # direction_position: the prompt token the residuals are read at, from the end
     cache: Path
     fingerprint: str
 
     @classmethod
     def from_settings(cls, settings: Settings) -> GeometryOptions:
         return cls(settings.winsorization_quantile, settings.orthogonalize_direction,
-                   settings.directions_per_layer, settings.direction_candidates, directions_path(settings),
+                   settings.directions_per_layer, settings.direction_candidates, settings.direction_position,
+                   directions_path(settings),
                    settings.study_fingerprint())  # fmt: skip
 
 
@@ -109,7 +111,7 @@ def measure_geometry(options: GeometryOptions, loaded: LoadedModel, prompts: Pro
         if prompt_filter is not None and kind in WANTED_VERDICT:
             chosen = filtered_prompts(kind, loaded, chosen, prompts.system(kind), response_prefix, prompt_filter)
         collected = collect_residuals(loaded, chosen, prompts.system(kind), batch_size, f"{kind} residuals",
-                                      response_prefix)  # fmt: skip
+                                      response_prefix, options.position)  # fmt: skip
         residuals[kind] = winsorize(collected, options.winsorization_quantile)
     return measure(residuals["harmful"], residuals["harmless"], residuals.get("capability"),
                    options.orthogonalize, options.directions_per_layer, options.direction_candidates)  # fmt: skip

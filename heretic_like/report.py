@@ -216,9 +216,9 @@ def write_residual_plot(settings: Settings, loaded, prompts, response_prefix: st
     style = ResidualPlotStyle.from_settings(settings)
     style.check()
     bad = collect_residuals(loaded, prompts.harmful, prompts.system("harmful"), batch_size, "harmful residuals",
-                            response_prefix)  # fmt: skip
+                            response_prefix, settings.direction_position)  # fmt: skip
     good = collect_residuals(loaded, prompts.harmless, prompts.system("harmless"), batch_size, "harmless residuals",
-                             response_prefix)  # fmt: skip
+                             response_prefix, settings.direction_position)  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     plot_residuals(bad, good, path, f"{settings.residual_plot_title}: {settings.model}", style)
     return path

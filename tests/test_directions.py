@@ -191,3 +191,30 @@ def test_residuals_are_the_layer_outputs_before_the_final_norm(tiny_llama, tmp_p
     assert not torch.allclose(collected[-1], hidden[-1][0, -1].float(), atol=1e-3)
     with torch.no_grad():
         assert torch.allclose(loaded.model.model.norm(collected[-1]), hidden[-1][0, -1].float(), atol=1e-5)
+
+
+def test_residuals_at_an_earlier_prompt_token(tiny_llama, tmp_path):
+    from heretic_like.model import chat_texts, encode
+
+    loaded = load_model(settings_for(tiny_llama, tmp_path))
+    prompts = ["short", "a much longer prompt with many more words in it"]
+    collected = collect_residuals(loaded, prompts, "sys", batch_size=2, position=-3)
+    for row, prompt in enumerate(prompts):  # each prompt alone: no padding, position -3 is its own
+        batch = encode(loaded.tokenizer, chat_texts(loaded.tokenizer, [prompt], "sys"), loaded.device)
+        with torch.no_grad():
+            hidden = loaded.model(**batch, output_hidden_states=True).hidden_states
+        assert torch.allclose(collected[row, :-1], torch.stack([h[0, -3] for h in hidden[1:-1]]).float(), atol=1e-4)
+    assert not torch.allclose(collected, collect_residuals(loaded, prompts, "sys", batch_size=2), atol=1e-3)
+
+
+def test_a_position_before_a_prompts_first_token_is_an_error_naming_it(tiny_llama, tmp_path):
+    from heretic_like.errors import HereticError
+    from heretic_like.model import chat_texts
+
+    loaded = load_model(settings_for(tiny_llama, tmp_path))
+    prompts = ["short", "a much longer prompt with many more words in it than the short one"]
+    text = chat_texts(loaded.tokenizer, ["short"], None)[0]
+    shortest = len(loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert collect_residuals(loaded, prompts, None, batch_size=2, position=-shortest).shape[0] == 2
+    with pytest.raises(HereticError, match=rf"direction_position = -{shortest + 1}: the prompt 'short' has fewer"):
+        collect_residuals(loaded, prompts, None, batch_size=2, position=-(shortest + 1))

@@ -216,6 +216,11 @@ def test_an_older_study_identity_still_matches():
     assert _with_new_defaults(old) == settings.study_identity()
     # set, it is part of the identity (another revision is another model)
     assert load_settings(None, {"model_commit": "abc123"}).study_identity()["model_commit"] == "abc123"
+    # direction_position came later too: at -1 (every earlier study read the last token) it is absent
+    assert "direction_position" not in old
+    moved = load_settings(None, {"direction_position": -5})
+    assert moved.study_identity()["direction_position"] == -5
+    assert moved.study_fingerprint() != settings.study_fingerprint()  # another direction: measured again
 
 
 def test_benchmarks_are_offered_not_run_unless_asked(tmp_path):
