@@ -65,16 +65,17 @@ def prompt_spec_identity(spec: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k not in LATER_SPEC_FIELDS or v != LATER_SPEC_FIELDS[k]}
 
 
+# Study keys added after studies were stamped without them, and the value every such study had:
+# at that value the key is left out of the identity, so those studies keep their fingerprint (and
+# their cached directions) and resume.
+LATER_STUDY_KEYS: dict[str, Any] = {"model_commit": None, "direction_position": -1}
+
+
 def normal_identity(identity: dict[str, Any]) -> dict[str, Any]:
     """A study identity in the one form stored and compared: prompt sets as `prompt_spec_identity`
-    gives them; keys added later absent at the value every earlier study had (`model_commit` unset,
-    `direction_position` -1), so those studies keep their fingerprint and resume."""
+    gives them, keys of `LATER_STUDY_KEYS` absent at their earlier value."""
     out = {key: prompt_spec_identity(v) if isinstance(v, dict) and "dataset" in v else v for key, v in identity.items()}
-    if out.get("model_commit", "") is None:
-        del out["model_commit"]
-    if out.get("direction_position") == -1:
-        del out["direction_position"]
-    return out
+    return {key: v for key, v in out.items() if key not in LATER_STUDY_KEYS or v != LATER_STUDY_KEYS[key]}
 
 
 class Benchmark(_Strict):
