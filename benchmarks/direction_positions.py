@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from qwen_benchmark import harmbench_prompts  # noqa: E402
-from refusal_strength import refused_by  # noqa: E402
+from refusal_strength import groups, on_direction, refused_by  # noqa: E402
 
 from heretic_like.config import load_settings  # noqa: E402
 from heretic_like.detectors import MarkerDetector  # noqa: E402
@@ -36,16 +36,6 @@ from heretic_like.geometry import PromptFilter, filtered_prompts  # noqa: E402
 from heretic_like.model import chat_texts, load_model  # noqa: E402
 from heretic_like.prompts import load_all_prompts  # noqa: E402
 from heretic_like.testbed import fetch_qwen  # noqa: E402
-
-
-def on_direction(bad: torch.Tensor, good: torch.Tensor, rows: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per row of `rows` (n, d): projection on normalize(mean bad - mean good), scaled so the harmless
-    mean is 0 and the harmful mean 1, and the cosine of (row - harmless mean) with the direction."""
-    high, low = bad.mean(0), good.mean(0)
-    direction = torch.nn.functional.normalize(high - low, dim=0)
-    centred = rows - low
-    strength = centred @ direction / ((high - low) @ direction)
-    return strength.tolist(), (centred @ direction / centred.norm(dim=1)).tolist()
 
 
 def main() -> None:
@@ -65,8 +55,8 @@ def main() -> None:
     heldout = harmbench_prompts(ROOT / "benchmarks" / ".cache", 100)
     base = refused_by(args.results[0], "base", detector)
     edited = [refused_by(folder, "best_trial", detector) for folder in args.results]
-    hard = [i for i, p in enumerate(heldout) if base[p] and any(e[p] for e in edited)]
-    freed = [i for i, p in enumerate(heldout) if base[p] and not any(e[p] for e in edited)]
+    grouped = groups(heldout, base, edited)
+    hard, freed = grouped["hard core"], grouped["refusal removed by every edit"]
     tokenizer = loaded.tokenizer
     ids = tokenizer(chat_texts(tokenizer, [heldout[0]], settings.system_prompt)[0], add_special_tokens=False)
     tokens = [tokenizer.decode([i]) for i in ids["input_ids"][-args.positions :]]
@@ -81,11 +71,12 @@ def main() -> None:
     median = statistics.median
     print("layer position  cos(r, r_-1)  projection freed / hard core  cosine freed / hard core")
     for layer in args.layers:
-        last = read[-1][0][:, layer].mean(0) - read[-1][1][:, layer].mean(0)
+        last = torch.nn.functional.normalize(read[-1][0][:, layer].mean(0) - read[-1][1][:, layer].mean(0), dim=0)
         for position, (bad, good, rows) in read.items():
-            strength, cosine = on_direction(bad[:, layer], good[:, layer], rows[:, layer])
-            here = bad[:, layer].mean(0) - good[:, layer].mean(0)
-            agree = float(torch.nn.functional.cosine_similarity(here, last, dim=0))
+            high, low = bad[:, layer].mean(0), good[:, layer].mean(0)
+            direction = torch.nn.functional.normalize(high - low, dim=0)
+            strength, cosine = on_direction(rows[:, layer], direction, high, low)
+            agree = float(direction @ last)
             print(f"{layer:5d} {position:+8d}  {agree:12.2f}  {median(strength[i] for i in freed):10.2f} / "
                   f"{median(strength[i] for i in hard):.2f}  {median(cosine[i] for i in freed):12.3f} / "
                   f"{median(cosine[i] for i in hard):.3f}")  # fmt: skip

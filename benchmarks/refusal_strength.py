@@ -44,14 +44,29 @@ def refused_by(folder: Path, model: str, detector: MarkerDetector) -> dict[str, 
     return {r["prompt"]: bool(v) for r, v in zip(rows, verdicts, strict=True)}
 
 
-def scores(residuals: torch.Tensor, geometry: RefusalGeometry, layer: int) -> tuple[list[float], list[float]]:
-    """Per prompt at `layer`: the projection on the direction (harmless mean 0, harmful mean 1) and
-    the cosine between the residual minus the harmless mean and the direction."""
-    direction = geometry.directions[layer]
-    low, high = geometry.harmless_mean[layer] @ direction, geometry.harmful_mean[layer] @ direction
-    centred = residuals[:, layer] - geometry.harmless_mean[layer]
-    strength = (residuals[:, layer] @ direction - low) / (high - low)
+def on_direction(rows: torch.Tensor, direction: torch.Tensor, harmful_mean: torch.Tensor,
+                 harmless_mean: torch.Tensor) -> tuple[list[float], list[float]]:  # fmt: skip
+    """Per row (n, d): the projection on `direction`, scaled so the harmless mean is 0 and the
+    harmful mean 1, and the cosine between the row minus the harmless mean and the direction."""
+    centred = rows - harmless_mean
+    strength = centred @ direction / ((harmful_mean - harmless_mean) @ direction)
     return strength.tolist(), (centred @ direction / centred.norm(dim=1)).tolist()
+
+
+def scores(residuals: torch.Tensor, geometry: RefusalGeometry, layer: int) -> tuple[list[float], list[float]]:
+    """`on_direction` at `layer`, along the study's own direction there."""
+    return on_direction(residuals[:, layer], geometry.directions[layer], geometry.harmful_mean[layer],
+                        geometry.harmless_mean[layer])  # fmt: skip
+
+
+def groups(heldout: list[str], base: dict[str, bool], edited: list[dict[str, bool]]) -> dict[str, list[int]]:
+    """Indices of the held-out prompts: answered by the unedited model; refused by it and answered
+    after every chosen edit; refused after at least one chosen edit (the hard core)."""
+    out: dict[str, list[int]] = {"answered unedited": [], "refusal removed by every edit": [], "hard core": []}
+    for i, prompt in enumerate(heldout):
+        removed = "hard core" if any(e[prompt] for e in edited) else "refusal removed by every edit"
+        out[removed if base[prompt] else "answered unedited"].append(i)
+    return out
 
 
 def main() -> None:
@@ -75,30 +90,27 @@ def main() -> None:
     residuals = collect_residuals(load_model(settings), heldout, settings.system_prompt, args.batch_size)
     strength, cosine = scores(residuals, geometry, layer)
     times = [sum(e[prompt] for e in edited) for prompt in heldout]  # chosen edits that still refuse it
-    groups: dict[str, list[int]] = {"answered unedited": [], "refusal removed by every edit": [], "hard core": []}
-    for i, prompt in enumerate(heldout):
-        removed = "hard core" if times[i] else "refusal removed by every edit"
-        group = removed if base[prompt] else "answered unedited"
-        groups[group].append(i)
+    grouped = groups(heldout, base, edited)
     print(f"layer {layer}; projection scaled so harmless mean = 0, harmful mean = 1; {len(edited)} chosen edits")
-    for name, rows in groups.items():
+    for name, rows in grouped.items():
         if rows:
             print(f"{name} ({len(rows)}): projection median {statistics.median(strength[i] for i in rows):.2f}, "
                   f"cosine median {statistics.median(cosine[i] for i in rows):.3f}")  # fmt: skip
     print("hard core, most often refused first:")
-    for i in sorted(groups["hard core"], key=lambda i: -times[i]):
+    for i in sorted(grouped["hard core"], key=lambda i: -times[i]):
         print(f"  {times[i]}/{len(edited)}  projection {strength[i]:.2f}  "
               f"cosine {cosine[i]:.3f}  {heldout[i][:80]}")  # fmt: skip
     ranked = sorted(range(len(heldout)), key=lambda i: -strength[i])
     print(
         "rank of each hard-core prompt by projection among the 100:",
-        sorted(ranked.index(i) + 1 for i in groups["hard core"]),
+        sorted(ranked.index(i) + 1 for i in grouped["hard core"]),
     )
     print("every layer's own direction, medians (projection / cosine): removed by every edit | hard core")
     for other in range(geometry.num_layers):
         s, c = scores(residuals, geometry, other)
-        cells = [f"{statistics.median(s[i] for i in groups[g]):.2f} / {statistics.median(c[i] for i in groups[g]):.3f}"
-                 for g in ("refusal removed by every edit", "hard core") if groups[g]]  # fmt: skip
+        median = statistics.median
+        cells = [f"{median(s[i] for i in grouped[g]):.2f} / {median(c[i] for i in grouped[g]):.3f}"
+                 for g in ("refusal removed by every edit", "hard core") if grouped[g]]  # fmt: skip
         print(f"  layer {other:2d}{' (used)' if other == layer else '       '}  {' | '.join(cells)}")
 
 
