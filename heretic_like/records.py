@@ -319,6 +319,15 @@ class TrialRecord:
         return self._get("predicted_refusals")
 
     @property
+    def refusal_margin(self) -> float | None:
+        """The mean probability that a harmful answer opens as the unedited model's refusals did
+        (margin.py), measured when `refusal_margin` is on."""
+        return self._get("refusal_margin")
+
+    def record_margin(self, margin: float) -> None:
+        self.trial.set_user_attr("refusal_margin", round(margin, 6))
+
+    @property
     def screened(self) -> str | None:
         """Why the trial was decided without generating, or None if it was not."""
         return self._get("screened")
@@ -358,7 +367,8 @@ class TrialRecord:
 
 
 # Values every trial table lists, by their stored names.
-TRIAL_VALUES = ("refusals", "refusals_at_least", "refusals_long", "kl_divergence", "predicted_refusals", "screened",
+TRIAL_VALUES = ("refusals", "refusals_at_least", "refusals_long", "kl_divergence", "refusal_margin",
+                "predicted_refusals", "screened",
                 "pruned_reason",
                 "kl_seconds", "generation_seconds", "long_seconds", "tokens_generated", "approximation_error",
                 "row_norm_error", "marker_refusals", "marker_agreement", "worker")  # fmt: skip

@@ -86,14 +86,18 @@ def best_layer_seed(space: SearchSpace, geometry: RefusalGeometry) -> dict[str, 
     return params
 
 
-def objectives(refusals: int, kl: float, base_refusals: int, scale: float, target: float) -> tuple[float, float]:
+def objectives(refusals: int, kl: float, base_refusals: int, scale: float, target: float,
+               margin: float = 0.0) -> tuple[float, float]:  # fmt: skip
     """(KL objective, refusal objective), both minimised.
 
     Refusals count relative to the unedited model. Below `target`, KL stops being rewarded: the
     first objective becomes the refusal ratio scaled to `target`, so the sampler does not spend
-    trials on edits that barely change the model (as in Heretic's reference config).
+    trials on edits that barely change the model (as in Heretic's reference config). `margin`
+    (margin.py, in [0, 1]) is added to the count as a tie-break: it never outweighs one refusal.
     """
-    refusal_score = refusals / max(base_refusals, 1)
+    if not 0.0 <= margin <= 1.0:
+        raise ValueError(f"refusal margin {margin} outside [0, 1]")
+    refusal_score = (refusals + margin) / max(base_refusals, 1)
     kl_score = kl / scale if kl >= target else refusal_score * target / scale
     return kl_score, refusal_score
 

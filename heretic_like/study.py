@@ -27,6 +27,7 @@ from .evaluation import Evaluator, FirstLook, detect_response_prefix
 from .generation import generate
 from .geometry import GeometryOptions, PromptFilter, cached_geometry, compute_geometry
 from .interrupts import noting_interrupts, stop_if_interrupted
+from .margin import opening_rates, refusal_margin
 from .model import LoadedModel, chat_texts, load_model, matches_fingerprint, model_fingerprint
 from .prompts import PromptSets, load_all_prompts
 from .records import FINISHED, StudyRecord, TrialRecord, response_prefix_of
@@ -216,11 +217,16 @@ def run_study(settings: Settings) -> StudyRun:
     screening = ScreeningOptions.from_settings(settings)
     # the proxy's probe: what the last layer leaves along the refusal direction where it is clearest
     probe = (loaded.num_layers - 1, geometry.directions[geometry.best_layer(settings.search.layer_window)])
-    if screening.enabled and record.base_first_look is None:  # what the proxy starts learning from
+    if (screening.enabled or settings.refusal_margin) and record.base_first_look is None:  # the unedited openings
         look = evaluator.first_look(probe)
         record.base_first_look = {"tokens": look.harmful_logprobs.argmax(-1).tolist(),
                                   "projections": look.projections.tolist()}  # fmt: skip
     print(f"Unedited model refuses {base_refusals}/{len(evaluator.harmful)} harmful evaluation prompts")
+    margin_rates = None
+    if settings.refusal_margin:  # the openings the unedited model's refusals had (margin.py)
+        refused = set(record.base_refused_positions)
+        tokens = record.base_first_look["tokens"]
+        margin_rates = opening_rates(tokens, [p in refused for p in range(len(tokens))])
 
     abliterator = Abliterator(loaded, settings.search.components, geometry, EditOptions.from_settings(settings))
     if isinstance(evaluator.detector, ModelJudge) and evaluator.detector.loaded is loaded:
@@ -257,6 +263,11 @@ def run_study(settings: Settings) -> StudyRun:
         approximation = (stats.approximation_error, stats.row_norm_error) if full else None
         evaluator.prioritize(hardest_first(trial.study))
         look = first_look(trial, stored, edit, approximation) if screening.enabled else None
+        margin = 0.0
+        if margin_rates is not None:
+            look = look or evaluator.first_look()
+            margin = refusal_margin(look.harmful_logprobs, margin_rates)
+            stored.record_margin(margin)
         score = evaluator.score(f"trial {trial.number}", refusal_cap(trial.study) if settings.prune_dominated else None,
                                 look)  # fmt: skip
         stored.record_score(score.kl_divergence, score.kl_seconds, score.generation_seconds, score.tokens_generated,
@@ -281,7 +292,7 @@ def run_study(settings: Settings) -> StudyRun:
                    f"KL {score.kl_divergence:.4f} ({score.kl_seconds:.1f} s KL, "
                    f"{score.generation_seconds:.1f} s generation)")  # fmt: skip
         return objectives(score.refusals, score.kl_divergence, base_refusals, settings.kl_divergence_scale,
-                          settings.kl_divergence_target)  # fmt: skip
+                          settings.kl_divergence_target, margin)  # fmt: skip
 
     remaining = settings.n_trials - done
     if remaining > 0:

@@ -1,0 +1,99 @@
+"""The refusal margin (margin.py): its maths, its place in the objective, and a study that uses it."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from heretic_like.cli import main
+from heretic_like.config import load_settings
+from heretic_like.margin import opening_rates, refusal_margin
+from heretic_like.records import StudyRecord
+from heretic_like.results import trials_table
+from heretic_like.search import objectives
+from tests.conftest import study_config
+
+
+def one_hot_logprobs(rows: list[dict[int, float]], vocab: int = 12) -> torch.Tensor:
+    probs = torch.zeros(len(rows), vocab)
+    for i, row in enumerate(rows):
+        for token, p in row.items():
+            probs[i, token] = p
+    return probs.log()
+
+
+def test_opening_rates_keep_refusal_openings_with_their_share():
+    # token 5 opened a refusal and a compliance, 7 only refusals, 9 only compliances
+    assert opening_rates([5, 5, 7, 9, 7], [True, False, True, False, True]) == {5: 0.5, 7: 1.0}
+    assert opening_rates([3, 4], [False, False]) == {}
+
+
+def test_margin_is_the_probability_of_opening_as_a_refusal():
+    rates = {5: 0.5, 7: 1.0}
+    assert refusal_margin(one_hot_logprobs([{7: 1.0}, {7: 1.0}]), rates) == pytest.approx(1.0)
+    assert refusal_margin(one_hot_logprobs([{9: 1.0}]), rates) == pytest.approx(0.0)
+    # half the mass on a half-refusing opening, half on a compliant one: 0.25; averaged with 1.0
+    assert refusal_margin(one_hot_logprobs([{5: 0.5, 9: 0.5}, {7: 1.0}]), rates) == pytest.approx(0.625)
+    assert refusal_margin(one_hot_logprobs([{9: 1.0}]), {}) == 0.0  # the unedited model refused nothing
+
+
+@given(st.integers(0, 2**31 - 1), st.integers(1, 6))
+def test_margin_lies_in_zero_one_and_falls_as_mass_leaves_refusal_openings(seed, n):
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, 16, generator=generator) * 3
+    rates = {0: 1.0, 3: 0.4}
+    margin = refusal_margin(torch.log_softmax(logits, -1), rates)
+    assert 0.0 <= margin <= 1.0
+    lowered = logits.clone()
+    lowered[:, [0, 3]] -= 2.0  # every refusal opening less likely
+    assert refusal_margin(torch.log_softmax(lowered, -1), rates) < margin
+
+
+def test_the_margin_breaks_ties_and_never_outweighs_a_refusal():
+    fewer = objectives(2, 0.02, 10, 1.0, 0.01, margin=0.99)[1]
+    more = objectives(3, 0.02, 10, 1.0, 0.01, margin=0.0)[1]
+    assert fewer < more
+    assert objectives(2, 0.02, 10, 1.0, 0.01, 0.1)[1] < objectives(2, 0.02, 10, 1.0, 0.01, 0.5)[1]
+    assert objectives(2, 0.02, 10, 1.0, 0.01) == objectives(2, 0.02, 10, 1.0, 0.01, 0.0)  # off: as before
+    # below the KL target the refusal-based first objective carries the margin too
+    assert objectives(2, 0.001, 10, 1.0, 0.01, 0.5)[0] == pytest.approx(0.25 * 0.01)
+    with pytest.raises(ValueError, match="refusal margin"):
+        objectives(2, 0.02, 10, 1.0, 0.01, 1.5)
+
+
+def test_the_margin_key_is_in_the_identity_only_when_on():
+    assert "refusal_margin" not in load_settings(None, {}).study_identity()  # stored studies keep their fingerprint
+    assert load_settings(None, {"refusal_margin": True}).study_identity()["refusal_margin"] is True
+
+
+def test_a_study_with_the_margin_records_it_and_minimises_count_plus_margin(refusing_model, tmp_path):
+    config = study_config(tmp_path, refusing_model, n_trials=8, n_startup_trials=4, refusal_margin="true",
+                          search="max_weight = { low = 1.0, high = 3.0 }\n"
+                          "max_weight_position = { low = 0.0, high = 1.0 }\n"
+                          "direction_index = { low = 0.0, high = 0.5 }\n"
+                          "min_weight_distance = { low = 0.5, high = 1.0 }\n")  # fmt: skip
+    config.write_text(config.read_text().replace('split = "train[150:174]"', 'split = "train[:24]"'))
+    assert main(["--config", str(config)]) == 0
+    (journal,) = (tmp_path / "checkpoints").glob("*.journal")
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    study = optuna.load_study(study_name=None, storage=storage)
+    record = StudyRecord(study)
+    base = record.base_refusals
+    assert base and len(record.base_first_look["tokens"]) == 24
+    completed = record.completed()
+    assert completed
+    for trial in completed:
+        frozen = study.trials[trial.number]
+        assert 0.0 <= trial.refusal_margin <= 1.0
+        assert frozen.values[1] == pytest.approx((trial.refusals + trial.refusal_margin) / base)
+    # the edit that removed the most refusals moved the answers' openings furthest from the
+    # refusals' openings: its margin is below that of every trial still refusing all it refused
+    fewest = min(completed, key=lambda t: t.refusals)
+    unmoved = [t for t in completed if t.refusals == base]
+    assert fewest.refusals < base and unmoved
+    assert all(fewest.refusal_margin < t.refusal_margin for t in unmoved)
+    assert all(t.refusal_margin is not None for t in record.trials())  # pruned trials keep theirs too
+    assert "refusal_margin" in trials_table(study).columns
