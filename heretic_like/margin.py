@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from .records import StudyRecord
 from .screening import OpeningRates
 
 
@@ -25,6 +26,14 @@ def opening_rates(tokens: list[int], refused: list[bool]) -> dict[int, float]:
     rates = OpeningRates()
     rates.update(tokens, refused)
     return {token: rates.rate(token) for token in rates.seen if rates.refused[token]}
+
+
+def unedited_opening_rates(record: StudyRecord) -> dict[int, float]:
+    """`opening_rates` of the unedited model's answers to the study's harmful prompts, from its
+    stored first look and refused positions."""
+    tokens = record.base_first_look["tokens"]
+    refused = set(record.base_refused_positions)
+    return opening_rates(tokens, [position in refused for position in range(len(tokens))])
 
 
 def refusal_margin(logprobs: torch.Tensor, rates: dict[int, float]) -> float:

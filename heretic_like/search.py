@@ -102,13 +102,18 @@ def objectives(refusals: int, kl: float, base_refusals: int, scale: float, targe
     return kl_score, refusal_score
 
 
-def refusal_cap(study: optuna.Study):
+def refusal_cap(study: optuna.Study, margin: float | None = None):
     """For a trial at KL `kl`: the fewest refusals of any finished trial with KL <= kl. A trial
-    reaching that count is dominated (no better on either axis) and need not be scored further."""
+    reaching that count is dominated (no better on either axis) and need not be scored further.
+
+    With the trial's refusal `margin` (margin.py), a finished trial with a larger margin than it
+    dominates it only at one refusal more: the margin breaks ties, so an edit as strong in count
+    but further from refusing is kept, which is the point of the margin."""
     record = StudyRecord(study)
 
     def cap(kl: float) -> int | None:
-        counts = [t.refusals for t in record.completed() if t.kl_divergence <= kl]
+        counts = [t.refusals + (margin is not None and (t.refusal_margin or 0.0) > margin)
+                  for t in record.completed() if t.kl_divergence <= kl]  # fmt: skip
         return min(counts) if counts else None
 
     return cap

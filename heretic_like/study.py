@@ -27,7 +27,7 @@ from .evaluation import Evaluator, FirstLook, detect_response_prefix
 from .generation import generate
 from .geometry import GeometryOptions, PromptFilter, cached_geometry, compute_geometry
 from .interrupts import noting_interrupts, stop_if_interrupted
-from .margin import opening_rates, refusal_margin
+from .margin import refusal_margin, unedited_opening_rates
 from .model import LoadedModel, chat_texts, load_model, matches_fingerprint, model_fingerprint
 from .prompts import PromptSets, load_all_prompts
 from .records import FINISHED, StudyRecord, TrialRecord, response_prefix_of
@@ -222,11 +222,7 @@ def run_study(settings: Settings) -> StudyRun:
         record.base_first_look = {"tokens": look.harmful_logprobs.argmax(-1).tolist(),
                                   "projections": look.projections.tolist()}  # fmt: skip
     print(f"Unedited model refuses {base_refusals}/{len(evaluator.harmful)} harmful evaluation prompts")
-    margin_rates = None
-    if settings.refusal_margin:  # the openings the unedited model's refusals had (margin.py)
-        refused = set(record.base_refused_positions)
-        tokens = record.base_first_look["tokens"]
-        margin_rates = opening_rates(tokens, [p in refused for p in range(len(tokens))])
+    margin_rates = unedited_opening_rates(record) if settings.refusal_margin else None
 
     abliterator = Abliterator(loaded, settings.search.components, geometry, EditOptions.from_settings(settings))
     if isinstance(evaluator.detector, ModelJudge) and evaluator.detector.loaded is loaded:
@@ -234,16 +230,16 @@ def run_study(settings: Settings) -> StudyRun:
     if settings.search.seed_best_layer and not study.trials:
         study.enqueue_trial(best_layer_seed(settings.search, geometry), skip_if_exists=True)
 
-    def first_look(trial: optuna.Trial, stored: TrialRecord, edit, approximation) -> FirstLook:
-        """KL and the proxy in one forward; a trial that cannot enter the front ends here (pruned,
-        with the proxy's numbers and the reason stored). Returns the look, for the score to use."""
-        look = evaluator.first_look(probe)
+    def screen(trial: optuna.Trial, stored: TrialRecord, edit, approximation, look: FirstLook,
+               tie: float | None) -> None:  # fmt: skip
+        """The proxy on the first look; a trial that cannot enter the front ends here (pruned,
+        with the proxy's numbers and the reason stored)."""
         kl, seconds = look.kl_divergence, look.seconds
         tokens, projections = look.harmful_logprobs.argmax(-1).tolist(), look.projections.tolist()
         predicted, margin = calibrated_proxy(trial.study, tokens, projections)
         stored.record_first_look(tokens, projections, predicted)
         if not screening.audited(trial.number):
-            reason = screen_reason(predicted, refusal_cap(trial.study)(kl), margin)
+            reason = screen_reason(predicted, refusal_cap(trial.study, tie)(kl), margin)
             if reason is not None:
                 stored.record_score(kl, seconds, 0.0, 0, [])
                 stored.record_edit(edit, approximation)
@@ -251,7 +247,6 @@ def run_study(settings: Settings) -> StudyRun:
                 tqdm.write(f"trial {trial.number}: KL {kl:.4f}, screened out without generating: {reason} "
                            f"({seconds:.1f} s)")  # fmt: skip
                 raise optuna.TrialPruned()
-        return look
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         stored = TrialRecord(trial)
@@ -262,21 +257,23 @@ def run_study(settings: Settings) -> StudyRun:
         full = settings.row_normalization == "full"
         approximation = (stats.approximation_error, stats.row_norm_error) if full else None
         evaluator.prioritize(hardest_first(trial.study))
-        look = first_look(trial, stored, edit, approximation) if screening.enabled else None
-        margin = 0.0
+        look, tie = None, None  # the first look (KL, first tokens, one forward); the refusal margin
+        if screening.enabled or margin_rates is not None:
+            look = evaluator.first_look(probe if screening.enabled else None)
         if margin_rates is not None:
-            look = look or evaluator.first_look()
-            margin = refusal_margin(look.harmful_logprobs, margin_rates)
-            stored.record_margin(margin)
-        score = evaluator.score(f"trial {trial.number}", refusal_cap(trial.study) if settings.prune_dominated else None,
-                                look)  # fmt: skip
+            tie = refusal_margin(look.harmful_logprobs, margin_rates)
+            stored.record_margin(tie)
+        if screening.enabled:
+            screen(trial, stored, edit, approximation, look, tie)
+        score = evaluator.score(f"trial {trial.number}",
+                                refusal_cap(trial.study, tie) if settings.prune_dominated else None, look)  # fmt: skip
         stored.record_score(score.kl_divergence, score.kl_seconds, score.generation_seconds, score.tokens_generated,
                             evaluator.refused_positions(score))  # fmt: skip
         stored.record_edit(edit, approximation)
         stored.record_refusals(score.refusals, score.pruned)
         if score.pruned:
             stored.record_pruned(f"dominated: {score.refusals} refusals, as many as a finished trial with no higher "
-                                 f"KL has")  # fmt: skip
+                                 f"KL has" + (" (one more where its margin is larger)" if tie is not None else ""))
             seconds = score.kl_seconds + score.generation_seconds
             tqdm.write(f"trial {trial.number}: KL {score.kl_divergence:.4f}, pruned after {score.refusals} refusals "
                        f"(dominated by a finished trial; {seconds:.1f} s)")  # fmt: skip
@@ -292,7 +289,7 @@ def run_study(settings: Settings) -> StudyRun:
                    f"KL {score.kl_divergence:.4f} ({score.kl_seconds:.1f} s KL, "
                    f"{score.generation_seconds:.1f} s generation)")  # fmt: skip
         return objectives(score.refusals, score.kl_divergence, base_refusals, settings.kl_divergence_scale,
-                          settings.kl_divergence_target, margin)  # fmt: skip
+                          settings.kl_divergence_target, tie or 0.0)  # fmt: skip
 
     remaining = settings.n_trials - done
     if remaining > 0:

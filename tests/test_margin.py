@@ -13,7 +13,7 @@ from heretic_like.config import load_settings
 from heretic_like.margin import opening_rates, refusal_margin
 from heretic_like.records import StudyRecord
 from heretic_like.results import trials_table
-from heretic_like.search import objectives
+from heretic_like.search import objectives, refusal_cap
 from tests.conftest import study_config
 
 
@@ -97,3 +97,15 @@ def test_a_study_with_the_margin_records_it_and_minimises_count_plus_margin(refu
     assert all(fewest.refusal_margin < t.refusal_margin for t in unmoved)
     assert all(t.refusal_margin is not None for t in record.trials())  # pruned trials keep theirs too
     assert "refusal_margin" in trials_table(study).columns
+
+
+def test_the_dominance_cap_keeps_an_equal_count_further_from_refusing():
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    for refusals, kl, margin in [(2, 0.010, 0.30), (4, 0.005, 0.10)]:
+        study.add_trial(optuna.trial.create_trial(values=[kl, refusals], user_attrs={
+            "refusals": refusals, "kl_divergence": kl, "refusal_margin": margin}))  # fmt: skip
+    assert refusal_cap(study)(0.02) == 2  # counts alone: two refusals are dominated
+    assert refusal_cap(study, 0.40)(0.02) == 2  # further from refusing than trial 0: dominated at 2 all the same
+    assert refusal_cap(study, 0.20)(0.02) == 3  # nearer to compliance than trial 0: only 3 is dominated
+    assert refusal_cap(study, 0.05)(0.007) == 5  # only trial 1 is at no higher KL, and its margin is larger
+    assert refusal_cap(study, 0.05)(0.001) is None
