@@ -68,7 +68,7 @@ def prompt_spec_identity(spec: dict[str, Any]) -> dict[str, Any]:
 # Study keys added after studies were stamped without them, and the value every such study had:
 # at that value the key is left out of the identity, so those studies keep their fingerprint (and
 # their cached directions) and resume.
-LATER_STUDY_KEYS: dict[str, Any] = {"model_commit": None, "direction_position": -1, "refusal_margin": False}
+LATER_STUDY_KEYS: dict[str, Any] = {"model_commit": None, "direction_position": -1, "refusal_margin_weight": 0.0}
 
 
 def normal_identity(identity: dict[str, Any]) -> dict[str, Any]:
@@ -115,7 +115,7 @@ class Settings(_Strict):
     print_residual_geometry: bool
     kl_divergence_scale: float = Field(gt=0)
     kl_divergence_target: float = Field(ge=0)
-    refusal_margin: bool
+    refusal_margin_weight: float = Field(ge=0)
     refusal_markers: list[str] = Field(min_length=1)
     ignore_echoed_markers: bool
     unanswered_is_refusal: bool
@@ -202,7 +202,7 @@ class Settings(_Strict):
     # Keys that define what a study measures: resuming with any of them changed is refused.
     STUDY_KEYS: ClassVar[tuple[str, ...]] = (
         "model", "model_commit", "gguf_file", "quantization", "chat_template", "system_prompt", "response_prefix",
-        "thinking_tags", "max_response_length", "kl_divergence_scale", "kl_divergence_target", "refusal_margin",
+        "thinking_tags", "max_response_length", "kl_divergence_scale", "kl_divergence_target", "refusal_margin_weight",
         "refusal_markers",
         "ignore_echoed_markers", "unanswered_is_refusal", "refusal_detector", "refusal_judge_model",
         "refusal_judge_url",

@@ -7,7 +7,7 @@ measurements refuses more of the prompts the study never saw (docs/benchmarks.md
 *More trials*). The margin tells such edits apart without generating anything: under the edit,
 the probability that each answer opens with a token the unedited model's refusals opened with
 (weighted by how often that opening was a refusal), averaged over the harmful prompts. With
-`refusal_margin = true` it is added to the refusal count as a tie-break below one refusal.
+`refusal_margin_weight` > 0 it is added, so weighted, to the refusal count the study minimises.
 """
 
 from __future__ import annotations

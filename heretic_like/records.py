@@ -321,7 +321,7 @@ class TrialRecord:
     @property
     def refusal_margin(self) -> float | None:
         """The mean probability that a harmful answer opens as the unedited model's refusals did
-        (margin.py), measured when `refusal_margin` is on."""
+        (margin.py), measured when `refusal_margin_weight` > 0."""
         return self._get("refusal_margin")
 
     def record_margin(self, margin: float) -> None:

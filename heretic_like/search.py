@@ -3,6 +3,7 @@ that read the study's history to make a trial cheaper (the dominance cap, hardes
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import optuna
@@ -92,31 +93,38 @@ def objectives(refusals: int, kl: float, base_refusals: int, scale: float, targe
 
     Refusals count relative to the unedited model. Below `target`, KL stops being rewarded: the
     first objective becomes the refusal ratio scaled to `target`, so the sampler does not spend
-    trials on edits that barely change the model (as in Heretic's reference config). `margin`
-    (margin.py, in [0, 1]) is added to the count as a tie-break: it never outweighs one refusal.
+    trials on edits that barely change the model (as in Heretic's reference config). `margin`:
+    the refusal margin in refusals (`refusal_margin_weight` × margin.py's margin), added to the count.
     """
-    if not 0.0 <= margin <= 1.0:
-        raise ValueError(f"refusal margin {margin} outside [0, 1]")
+    if margin < 0.0:
+        raise ValueError(f"refusal margin {margin} is negative")
     refusal_score = (refusals + margin) / max(base_refusals, 1)
     kl_score = kl / scale if kl >= target else refusal_score * target / scale
     return kl_score, refusal_score
 
 
-def refusal_cap(study: optuna.Study, margin: float | None = None):
+def refusal_cap(study: optuna.Study, margin: float | None = None, weight: float = 0.0):
     """For a trial at KL `kl`: the fewest refusals of any finished trial with KL <= kl. A trial
     reaching that count is dominated (no better on either axis) and need not be scored further.
 
-    With the trial's refusal `margin` (margin.py), a finished trial with a larger margin than it
-    dominates it only at one refusal more: the margin breaks ties, so an edit as strong in count
-    but further from refusing is kept, which is the point of the margin."""
+    With the trial's refusal `margin` (margin.py) and its `weight`, the objective is count +
+    weight × margin: a finished trial dominates at the fewest refusals c with c + weight × margin
+    >= its own count + weight × its margin. An edit as strong in count but further from refusing is
+    then kept, which is the point of the margin (and one nearer refusing may be dominated sooner)."""
     record = StudyRecord(study)
 
     def cap(kl: float) -> int | None:
-        counts = [t.refusals + (margin is not None and (t.refusal_margin or 0.0) > margin)
+        counts = [dominating_count(t.refusals, weight * ((t.refusal_margin or 0.0) - (margin or 0.0)))
                   for t in record.completed() if t.kl_divergence <= kl]  # fmt: skip
         return min(counts) if counts else None
 
     return cap
+
+
+def dominating_count(refusals: int, lead: float) -> int:
+    """The fewest refusals that score no better than `refusals` + `lead` (a finished trial's count
+    and its margin's lead, in refusals): ceil, never below 0; a hair of slack for float sums."""
+    return max(0, math.ceil(refusals + lead - 1e-9))
 
 
 def hardest_first(study: optuna.Study) -> list[int]:

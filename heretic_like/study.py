@@ -217,12 +217,13 @@ def run_study(settings: Settings) -> StudyRun:
     screening = ScreeningOptions.from_settings(settings)
     # the proxy's probe: what the last layer leaves along the refusal direction where it is clearest
     probe = (loaded.num_layers - 1, geometry.directions[geometry.best_layer(settings.search.layer_window)])
-    if (screening.enabled or settings.refusal_margin) and record.base_first_look is None:  # the unedited openings
+    if (screening.enabled or settings.refusal_margin_weight) and record.base_first_look is None:  # unedited openings
         look = evaluator.first_look(probe)
         record.base_first_look = {"tokens": look.harmful_logprobs.argmax(-1).tolist(),
                                   "projections": look.projections.tolist()}  # fmt: skip
     print(f"Unedited model refuses {base_refusals}/{len(evaluator.harmful)} harmful evaluation prompts")
-    margin_rates = unedited_opening_rates(record) if settings.refusal_margin else None
+    weight = settings.refusal_margin_weight
+    margin_rates = unedited_opening_rates(record) if weight else None
 
     abliterator = Abliterator(loaded, settings.search.components, geometry, EditOptions.from_settings(settings))
     if isinstance(evaluator.detector, ModelJudge) and evaluator.detector.loaded is loaded:
@@ -239,7 +240,7 @@ def run_study(settings: Settings) -> StudyRun:
         predicted, margin = calibrated_proxy(trial.study, tokens, projections)
         stored.record_first_look(tokens, projections, predicted)
         if not screening.audited(trial.number):
-            reason = screen_reason(predicted, refusal_cap(trial.study, tie)(kl), margin)
+            reason = screen_reason(predicted, refusal_cap(trial.study, tie, weight)(kl), margin)
             if reason is not None:
                 stored.record_score(kl, seconds, 0.0, 0, [])
                 stored.record_edit(edit, approximation)
@@ -265,15 +266,15 @@ def run_study(settings: Settings) -> StudyRun:
             stored.record_margin(tie)
         if screening.enabled:
             screen(trial, stored, edit, approximation, look, tie)
-        score = evaluator.score(f"trial {trial.number}",
-                                refusal_cap(trial.study, tie) if settings.prune_dominated else None, look)  # fmt: skip
+        cap = refusal_cap(trial.study, tie, weight) if settings.prune_dominated else None
+        score = evaluator.score(f"trial {trial.number}", cap, look)
         stored.record_score(score.kl_divergence, score.kl_seconds, score.generation_seconds, score.tokens_generated,
                             evaluator.refused_positions(score))  # fmt: skip
         stored.record_edit(edit, approximation)
         stored.record_refusals(score.refusals, score.pruned)
         if score.pruned:
             stored.record_pruned(f"dominated: {score.refusals} refusals, as many as a finished trial with no higher "
-                                 f"KL has" + (" (one more where its margin is larger)" if tie is not None else ""))
+                                 f"KL has" + (" (with the refusal margin: no better)" if tie is not None else ""))
             seconds = score.kl_seconds + score.generation_seconds
             tqdm.write(f"trial {trial.number}: KL {score.kl_divergence:.4f}, pruned after {score.refusals} refusals "
                        f"(dominated by a finished trial; {seconds:.1f} s)")  # fmt: skip
@@ -289,7 +290,7 @@ def run_study(settings: Settings) -> StudyRun:
                    f"KL {score.kl_divergence:.4f} ({score.kl_seconds:.1f} s KL, "
                    f"{score.generation_seconds:.1f} s generation)")  # fmt: skip
         return objectives(score.refusals, score.kl_divergence, base_refusals, settings.kl_divergence_scale,
-                          settings.kl_divergence_target, tie or 0.0)  # fmt: skip
+                          settings.kl_divergence_target, weight * (tie or 0.0))  # fmt: skip
 
     remaining = settings.n_trials - done
     if remaining > 0:

@@ -52,7 +52,7 @@ def test_margin_lies_in_zero_one_and_falls_as_mass_leaves_refusal_openings(seed,
     assert refusal_margin(torch.log_softmax(lowered, -1), rates) < margin
 
 
-def test_the_margin_breaks_ties_and_never_outweighs_a_refusal():
+def test_the_margin_at_weight_one_breaks_ties_and_never_outweighs_a_refusal():
     fewer = objectives(2, 0.02, 10, 1.0, 0.01, margin=0.99)[1]
     more = objectives(3, 0.02, 10, 1.0, 0.01, margin=0.0)[1]
     assert fewer < more
@@ -61,16 +61,16 @@ def test_the_margin_breaks_ties_and_never_outweighs_a_refusal():
     # below the KL target the refusal-based first objective carries the margin too
     assert objectives(2, 0.001, 10, 1.0, 0.01, 0.5)[0] == pytest.approx(0.25 * 0.01)
     with pytest.raises(ValueError, match="refusal margin"):
-        objectives(2, 0.02, 10, 1.0, 0.01, 1.5)
+        objectives(2, 0.02, 10, 1.0, 0.01, -0.5)
 
 
 def test_the_margin_key_is_in_the_identity_only_when_on():
-    assert "refusal_margin" not in load_settings(None, {}).study_identity()  # stored studies keep their fingerprint
-    assert load_settings(None, {"refusal_margin": True}).study_identity()["refusal_margin"] is True
+    assert "refusal_margin_weight" not in load_settings(None, {}).study_identity()  # stored studies keep theirs
+    assert load_settings(None, {"refusal_margin_weight": 24}).study_identity()["refusal_margin_weight"] == 24
 
 
-def test_a_study_with_the_margin_records_it_and_minimises_count_plus_margin(refusing_model, tmp_path):
-    config = study_config(tmp_path, refusing_model, n_trials=8, n_startup_trials=4, refusal_margin="true",
+def test_a_study_with_the_margin_records_it_and_minimises_count_plus_weighted_margin(refusing_model, tmp_path):
+    config = study_config(tmp_path, refusing_model, n_trials=8, n_startup_trials=4, refusal_margin_weight=6,
                           search="max_weight = { low = 1.0, high = 3.0 }\n"
                           "max_weight_position = { low = 0.0, high = 1.0 }\n"
                           "direction_index = { low = 0.0, high = 0.5 }\n"
@@ -88,7 +88,7 @@ def test_a_study_with_the_margin_records_it_and_minimises_count_plus_margin(refu
     for trial in completed:
         frozen = study.trials[trial.number]
         assert 0.0 <= trial.refusal_margin <= 1.0
-        assert frozen.values[1] == pytest.approx((trial.refusals + trial.refusal_margin) / base)
+        assert frozen.values[1] == pytest.approx((trial.refusals + 6 * trial.refusal_margin) / base)
     # the edit that removed the most refusals moved the answers' openings furthest from the
     # refusals' openings: its margin is below that of every trial still refusing all it refused
     fewest = min(completed, key=lambda t: t.refusals)
@@ -99,13 +99,19 @@ def test_a_study_with_the_margin_records_it_and_minimises_count_plus_margin(refu
     assert "refusal_margin" in trials_table(study).columns
 
 
-def test_the_dominance_cap_keeps_an_equal_count_further_from_refusing():
+def test_the_dominance_cap_reads_count_plus_weighted_margin():
     study = optuna.create_study(directions=["minimize", "minimize"])
     for refusals, kl, margin in [(2, 0.010, 0.30), (4, 0.005, 0.10)]:
         study.add_trial(optuna.trial.create_trial(values=[kl, refusals], user_attrs={
             "refusals": refusals, "kl_divergence": kl, "refusal_margin": margin}))  # fmt: skip
     assert refusal_cap(study)(0.02) == 2  # counts alone: two refusals are dominated
-    assert refusal_cap(study, 0.40)(0.02) == 2  # further from refusing than trial 0: dominated at 2 all the same
-    assert refusal_cap(study, 0.20)(0.02) == 3  # nearer to compliance than trial 0: only 3 is dominated
-    assert refusal_cap(study, 0.05)(0.007) == 5  # only trial 1 is at no higher KL, and its margin is larger
-    assert refusal_cap(study, 0.05)(0.001) is None
+    # weight 1, a tie-break: a larger margin than trial 0's is dominated at 2, a smaller one only at 3
+    assert refusal_cap(study, 0.40, 1.0)(0.02) == 2
+    assert refusal_cap(study, 0.20, 1.0)(0.02) == 3
+    assert refusal_cap(study, 0.05, 1.0)(0.007) == 5  # only trial 1 is at no higher KL
+    # weight 10: trial 0 scores 2 + 3 = 5; a trial at margin 0.1 needs 4 refusals to score as badly,
+    # at 0.6 it is dominated before it generates anything (its margin alone outweighs trial 0)
+    assert refusal_cap(study, 0.10, 10.0)(0.02) == 4
+    assert refusal_cap(study, 0.60, 10.0)(0.02) == 0
+    assert refusal_cap(study, 0.30, 10.0)(0.02) == 2  # equal margins: the count decides, as without
+    assert refusal_cap(study, 0.05, 10.0)(0.001) is None
