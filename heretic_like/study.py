@@ -232,7 +232,7 @@ def run_study(settings: Settings) -> StudyRun:
         study.enqueue_trial(best_layer_seed(settings.search, geometry), skip_if_exists=True)
 
     def screen(trial: optuna.Trial, stored: TrialRecord, edit, approximation, look: FirstLook,
-               tie: float | None) -> None:  # fmt: skip
+               opening_margin: float | None) -> None:  # fmt: skip
         """The proxy on the first look; a trial that cannot enter the front ends here (pruned,
         with the proxy's numbers and the reason stored)."""
         kl, seconds = look.kl_divergence, look.seconds
@@ -240,7 +240,7 @@ def run_study(settings: Settings) -> StudyRun:
         predicted, margin = calibrated_proxy(trial.study, tokens, projections)
         stored.record_first_look(tokens, projections, predicted)
         if not screening.audited(trial.number):
-            reason = screen_reason(predicted, refusal_cap(trial.study, tie, weight)(kl), margin)
+            reason = screen_reason(predicted, refusal_cap(trial.study, opening_margin, weight)(kl), margin)
             if reason is not None:
                 stored.record_score(kl, seconds, 0.0, 0, [])
                 stored.record_edit(edit, approximation)
@@ -258,15 +258,15 @@ def run_study(settings: Settings) -> StudyRun:
         full = settings.row_normalization == "full"
         approximation = (stats.approximation_error, stats.row_norm_error) if full else None
         evaluator.prioritize(hardest_first(trial.study))
-        look, tie = None, None  # the first look (KL, first tokens, one forward); the refusal margin
+        look, opening_margin = None, None  # the first look (KL, first tokens: one forward); margin.py
         if screening.enabled or margin_rates is not None:
             look = evaluator.first_look(probe if screening.enabled else None)
         if margin_rates is not None:
-            tie = refusal_margin(look.harmful_logprobs, margin_rates)
-            stored.record_margin(tie)
+            opening_margin = refusal_margin(look.harmful_logprobs, margin_rates)
+            stored.record_margin(opening_margin)
         if screening.enabled:
-            screen(trial, stored, edit, approximation, look, tie)
-        cap = refusal_cap(trial.study, tie, weight) if settings.prune_dominated else None
+            screen(trial, stored, edit, approximation, look, opening_margin)
+        cap = refusal_cap(trial.study, opening_margin, weight) if settings.prune_dominated else None
         score = evaluator.score(f"trial {trial.number}", cap, look)
         stored.record_score(score.kl_divergence, score.kl_seconds, score.generation_seconds, score.tokens_generated,
                             evaluator.refused_positions(score))  # fmt: skip
@@ -274,7 +274,7 @@ def run_study(settings: Settings) -> StudyRun:
         stored.record_refusals(score.refusals, score.pruned)
         if score.pruned:
             stored.record_pruned(f"dominated: {score.refusals} refusals, as many as a finished trial with no higher "
-                                 f"KL has" + (" (with the refusal margin: no better)" if tie is not None else ""))
+                                 f"KL has" + (" (with the refusal margin: no better)" if margin_rates else ""))
             seconds = score.kl_seconds + score.generation_seconds
             tqdm.write(f"trial {trial.number}: KL {score.kl_divergence:.4f}, pruned after {score.refusals} refusals "
                        f"(dominated by a finished trial; {seconds:.1f} s)")  # fmt: skip
@@ -290,7 +290,7 @@ def run_study(settings: Settings) -> StudyRun:
                    f"KL {score.kl_divergence:.4f} ({score.kl_seconds:.1f} s KL, "
                    f"{score.generation_seconds:.1f} s generation)")  # fmt: skip
         return objectives(score.refusals, score.kl_divergence, base_refusals, settings.kl_divergence_scale,
-                          settings.kl_divergence_target, weight * (tie or 0.0))  # fmt: skip
+                          settings.kl_divergence_target, weight * (opening_margin or 0.0))  # fmt: skip
 
     remaining = settings.n_trials - done
     if remaining > 0:
