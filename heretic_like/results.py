@@ -24,7 +24,7 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
         long = t.refusals_long if t.refusals_long is not None else record.front_recount(t.number)
         if long is not None:
             row["refusals_long"] = long
-        if t.refusal_margin is not None:  # refusal_margin = true (margin.py)
+        if t.refusal_margin is not None:  # refusal_margin_weight > 0 (margin.py)
             row["refusal_margin"] = round(t.refusal_margin, 4)
         index = edit.get("direction_index")
         row["direction_index"] = "per layer" if index is None else round(index, 2)

@@ -220,3 +220,28 @@ def study_config(tmp_path: Path, model_dir: Path, search: str = "", **extra) -> 
     path = tmp_path / "config.toml"
     path.write_text("\n".join(lines) + "\n" + search)
     return path
+
+
+def strong_search(low: float) -> str:
+    """TOML for `[search]`: strengths from `low` to 3 over the first half of the directions, enough
+    for edits to lower `refusing_model`'s refusals on the prompts it was trained to refuse."""
+    return (f"max_weight = {{ low = {low}, high = 3.0 }}\n"
+            "max_weight_position = { low = 0.0, high = 1.0 }\n"
+            "direction_index = { low = 0.0, high = 0.5 }\n"
+            "min_weight_distance = { low = 0.5, high = 1.0 }\n")  # fmt: skip
+
+
+def run_on_refused_prompts(tmp_path: Path, model_dir: Path, search: str, **extra):
+    """Run a `study_config` study scored on the harmful prompts `refusing_model` was trained to
+    refuse (it refuses all 24, and only strong edits lower that). Returns (config, the study read
+    back from its journal)."""
+    import optuna
+
+    from heretic_like.cli import main
+
+    config = study_config(tmp_path, model_dir, search=search, **extra)
+    config.write_text(config.read_text().replace('split = "train[150:174]"', 'split = "train[:24]"'))
+    assert main(["--config", str(config)]) == 0
+    (journal,) = (tmp_path / "checkpoints").glob("*.journal")
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    return config, optuna.load_study(study_name=None, storage=storage)

@@ -8,13 +8,12 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from heretic_like.cli import main
 from heretic_like.config import load_settings
 from heretic_like.margin import opening_rates, refusal_margin
 from heretic_like.records import StudyRecord
 from heretic_like.results import trials_table
 from heretic_like.search import objectives, refusal_cap
-from tests.conftest import study_config
+from tests.conftest import run_on_refused_prompts, strong_search
 
 
 def one_hot_logprobs(rows: list[dict[int, float]], vocab: int = 12) -> torch.Tensor:
@@ -70,16 +69,8 @@ def test_the_margin_key_is_in_the_identity_only_when_on():
 
 
 def test_a_study_with_the_margin_records_it_and_minimises_count_plus_weighted_margin(refusing_model, tmp_path):
-    config = study_config(tmp_path, refusing_model, n_trials=8, n_startup_trials=4, refusal_margin_weight=6,
-                          search="max_weight = { low = 1.0, high = 3.0 }\n"
-                          "max_weight_position = { low = 0.0, high = 1.0 }\n"
-                          "direction_index = { low = 0.0, high = 0.5 }\n"
-                          "min_weight_distance = { low = 0.5, high = 1.0 }\n")  # fmt: skip
-    config.write_text(config.read_text().replace('split = "train[150:174]"', 'split = "train[:24]"'))
-    assert main(["--config", str(config)]) == 0
-    (journal,) = (tmp_path / "checkpoints").glob("*.journal")
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
-    study = optuna.load_study(study_name=None, storage=storage)
+    _, study = run_on_refused_prompts(tmp_path, refusing_model, strong_search(1.0), n_trials=8, n_startup_trials=4,
+                                      refusal_margin_weight=6)  # fmt: skip
     record = StudyRecord(study)
     base = record.base_refusals
     assert base and len(record.base_first_look["tokens"]) == 24

@@ -30,7 +30,7 @@ from heretic_like.screening import (
     screening_margin,
 )
 from heretic_like.store import settings_of
-from tests.conftest import study_config
+from tests.conftest import run_on_refused_prompts, strong_search
 from tests.test_model import settings_for
 
 
@@ -201,18 +201,8 @@ def test_recounting_the_front_best_bound_first_picks_what_recounting_all_would(r
 def screened_study(refusing_model, tmp_path_factory):
     """A study long enough for screening to calibrate and act on the trained refusing model."""
     tmp = tmp_path_factory.mktemp("screening")
-    config = study_config(tmp, refusing_model, n_trials=22, n_startup_trials=4, screening_audit_fraction=0.0,
-                          screen_trials="true",
-                          search="max_weight = { low = 0.0, high = 3.0 }\n"
-                          "max_weight_position = { low = 0.0, high = 1.0 }\n"
-                          "direction_index = { low = 0.0, high = 0.5 }\n"
-                          "min_weight_distance = { low = 0.5, high = 1.0 }\n")  # fmt: skip
-    # the prompts it was trained to refuse: it refuses all 24, and only strong edits lower that
-    config.write_text(config.read_text().replace('split = "train[150:174]"', 'split = "train[:24]"'))
-    assert main(["--config", str(config)]) == 0
-    (journal,) = (tmp / "checkpoints").glob("*.journal")
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
-    return config, optuna.load_study(study_name=None, storage=storage)
+    return run_on_refused_prompts(tmp, refusing_model, strong_search(0.0), n_trials=22, n_startup_trials=4,
+                                  screening_audit_fraction=0.0, screen_trials="true")  # fmt: skip
 
 
 def test_a_study_screens_trials_and_keeps_startup_and_front_honest(screened_study):
