@@ -231,6 +231,14 @@ def strong_search(low: float) -> str:
             "min_weight_distance = { low = 0.5, high = 1.0 }\n")  # fmt: skip
 
 
+def refused_study_config(tmp_path: Path, model_dir: Path, search: str = "", **extra) -> Path:
+    """`study_config` scored on the first 24 built-in prompts of each set: the harmful ones are those
+    `refusing_model` (and `thinking_model`) was trained to refuse, so its refusals show reliably."""
+    config = study_config(tmp_path, model_dir, search=search, **extra)
+    config.write_text(config.read_text().replace('split = "train[150:174]"', 'split = "train[:24]"'))
+    return config
+
+
 def run_on_refused_prompts(tmp_path: Path, model_dir: Path, search: str, **extra):
     """Run a `study_config` study scored on the harmful prompts `refusing_model` was trained to
     refuse (it refuses all 24, and only strong edits lower that). Returns (config, the study read
@@ -239,8 +247,7 @@ def run_on_refused_prompts(tmp_path: Path, model_dir: Path, search: str, **extra
 
     from heretic_like.cli import main
 
-    config = study_config(tmp_path, model_dir, search=search, **extra)
-    config.write_text(config.read_text().replace('split = "train[150:174]"', 'split = "train[:24]"'))
+    config = refused_study_config(tmp_path, model_dir, search=search, **extra)
     assert main(["--config", str(config)]) == 0
     (journal,) = (tmp_path / "checkpoints").glob("*.journal")
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))

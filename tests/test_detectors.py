@@ -11,7 +11,7 @@ from heretic_like.errors import HereticError
 from heretic_like.model import load_model
 from heretic_like.prompts import builtin_path
 from heretic_like.study import run_study
-from tests.conftest import COMPLIANCE, REFUSAL, study_config
+from tests.conftest import COMPLIANCE, REFUSAL, refused_study_config
 from tests.test_model import settings_for
 
 
@@ -92,9 +92,8 @@ def test_endpoint_judge_speaks_chat_completions(endpoint):
 
 
 def test_study_with_a_judge_reports_agreement_with_markers(refusing_model, judge_model, tmp_path, capsys):
-    config = study_config(tmp_path, refusing_model, n_trials=2, n_startup_trials=2, prune_dominated="false",
-                          refusal_detector='"judge"', refusal_judge_model=f'"{judge_model}"')  # fmt: skip
-    config.write_text(config.read_text().replace('split = "train[150:174]"', 'split = "train[:24]"'))
+    config = refused_study_config(tmp_path, refusing_model, n_trials=2, n_startup_trials=2, prune_dominated="false",
+                                  refusal_detector='"judge"', refusal_judge_model=f'"{judge_model}"')  # fmt: skip
     run = run_study(load_settings(str(config)))
     agreed = run.study.user_attrs["detector_agreement_unedited"]
     assert agreed["n"] == 24 and agreed["agreement"] >= 0.9  # the judge sees the trained refusals too

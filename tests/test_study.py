@@ -19,7 +19,7 @@ from heretic_like.results import ExportRule, choose_best, choose_trial, pareto_f
 from heretic_like.search import objectives
 from heretic_like.store import load_existing_study
 from heretic_like.study import run_study
-from tests.conftest import THINKING, study_config
+from tests.conftest import THINKING, refused_study_config, strong_search, study_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,12 +107,7 @@ def test_full_study_reduces_refusals_and_exports_identical_model(refusing_model,
     # Evaluate on prompts the tiny model was trained on: it refuses those reliably.
     # So small a model keeps part of its refusal in the token embeddings, which no write-edit
     # touches: it needs stronger edits than real models, so the search reaches further.
-    config = study_config(tmp_path, refusing_model, n_trials=6, n_startup_trials=4,
-                          search="max_weight = { low = 1.5, high = 3.0 }\n"
-                          "max_weight_position = { low = 0.0, high = 1.0 }\n"
-                          "direction_index = { low = 0.0, high = 0.5 }\n"
-                          "min_weight_distance = { low = 0.5, high = 1.0 }\n")  # fmt: skip
-    config.write_text(config.read_text().replace('split = "train[150:174]"', 'split = "train[:24]"'))
+    config = refused_study_config(tmp_path, refusing_model, n_trials=6, n_startup_trials=4, search=strong_search(1.5))
     settings = load_settings(str(config))
     run = run_study(settings)
     study, abliterator, table = run.study, run.abliterator, run.table
@@ -394,17 +389,15 @@ def test_study_from_an_older_version_resumes_when_new_keys_keep_defaults(tiny_ll
 
 
 def test_reasoning_model_is_measured_after_its_thinking_block(thinking_model, tmp_path):
-    config = study_config(tmp_path, thinking_model, n_trials=1, n_startup_trials=1)
-    config.write_text(config.read_text().replace('split = "train[150:174]"', 'split = "train[:24]"'))
+    config = refused_study_config(tmp_path, thinking_model, n_trials=1, n_startup_trials=1)
     run = run_study(load_settings(str(config)))
     assert run.study.user_attrs["response_prefix"] == THINKING  # detected from the model's own openings
     assert all(text.endswith(THINKING) for text in run.evaluator.harmful + run.evaluator.harmless)
     # Answers begin right after the prefix: the trained refusals show within the 12-token responses.
     assert run.study.user_attrs["base_refusals"] >= 12
     (tmp_path / "explicit").mkdir()
-    explicit = study_config(tmp_path / "explicit", thinking_model, n_trials=1, n_startup_trials=1,
-                            response_prefix='""')  # fmt: skip
-    explicit.write_text(explicit.read_text().replace('split = "train[150:174]"', 'split = "train[:24]"'))
+    explicit = refused_study_config(tmp_path / "explicit", thinking_model, n_trials=1, n_startup_trials=1,
+                                    response_prefix='""')  # fmt: skip
     run = run_study(load_settings(str(explicit)))
     assert run.study.user_attrs.get("response_prefix") is None and not run.evaluator.harmful[0].endswith(THINKING)
     # Without it, 12 tokens hold only the (~15-token) thinking block: no answer, so every response
