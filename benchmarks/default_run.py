@@ -10,7 +10,8 @@ A run stopped part-way (Ctrl-C, `kill` (SIGTERM) on this script or the command, 
 that ends before a 1.5B study does) keeps its study
 in `--out`; `--resume-from OUT` with the same arguments continues it, and the summary adds the
 parts' times. `--base-from OUT` reuses the unedited model's held-out scores from an earlier run
-of the same model (checked), which saves the half of the scoring that does not depend on the study.
+of the same model (checked against the command's settings before the study starts, and again at
+the end), which saves the half of the scoring that does not depend on the study.
 
     python benchmarks/default_run.py [--out benchmarks/results-default] [-- --n-trials 12 ...]
 
@@ -32,6 +33,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -106,27 +108,51 @@ def resume_parts(folder: Path, work: Path) -> list[dict]:
     return json.loads((folder / "parts.json").read_text())
 
 
-def reused_base(folder: Path, study_name: str, settings, heldout: list[str], long: int,
-                batch_size: int) -> tuple[dict, list[dict]]:  # fmt: skip
-    """The unedited model's held-out and over-refusal scores from an earlier run's `--out`, instead of
-    generating them again (12+ min on the 1.5B): they depend on the model, prompts, lengths, batch
-    size and markers, not on the study, so each of those is checked and the stored long answers
-    are recounted with today's markers; any difference is an error, not a silent reuse."""
+def check_base(folder: Path, settings, heldout: list[str], long: int, batch_size: int | None,
+               study_name: str | None) -> dict:  # fmt: skip
+    """Exit unless `folder`'s unedited scores are this run's: they depend on the model, prompts,
+    lengths, batch size and markers, not on the study, so each is checked and the stored long
+    answers are recounted with today's markers. Runs before the study with what the command's
+    settings fix (None: not known yet), then at the end with all of it. Returns its summary."""
     summary = json.loads((folder / "summary.json").read_text())
-    every = json.loads((folder / "heldout_responses.json").read_text())["base"]
-    wanted = {"study": study_name, "max_response_length": settings.max_response_length,
-              "long_response_length": long, "batch_size": batch_size}  # fmt: skip
+    wanted = {"max_response_length": settings.max_response_length, "long_response_length": long,
+              "study": study_name, "batch_size": batch_size}  # fmt: skip
     for key, value in wanted.items():
-        if summary.get(key) != value:
+        if value is not None and summary.get(key) != value:
             sys.exit(f"--base-from {folder}: its {key} is {summary.get(key)!r}, this run's is {value!r}")
+    every = json.loads((folder / "heldout_responses.json").read_text())["base"]
     if [e["prompt"] for e in every] != heldout:
         sys.exit(f"--base-from {folder}: its held-out prompts are not this run's")
     verdicts = MarkerDetector.from_settings(settings).classify(heldout, [e["response"] for e in every])
     long_count = int(summary["base_refusals_heldout_long"].split("/")[0])
     if verdicts != [e["markers"] for e in every] or sum(verdicts) != long_count:
         sys.exit(f"--base-from {folder}: today's markers count its stored answers differently")
+    return summary
+
+
+def planned_settings(command: list[str]):
+    """The settings the command will run with, read by its own `config` subcommand in an empty
+    folder (the command runs in one, without a config.toml), so that a mismatch is an error before
+    an hour of trials rather than after."""
+    with tempfile.TemporaryDirectory() as empty:
+        env = {**os.environ, "HOME": empty, "PYTHONPATH": str(ROOT)}
+        shown = subprocess.run([sys.executable, "-m", "heretic_like", "config", *command], cwd=empty, env=env,
+                               capture_output=True, text=True, stdin=subprocess.DEVNULL)  # fmt: skip
+        if shown.returncode != 0:
+            sys.exit(f"the command's settings: {(shown.stderr.strip().splitlines() or ['no output'])[-1]}")
+        (Path(empty) / "planned.toml").write_text(shown.stdout)
+        return load_settings(str(Path(empty) / "planned.toml"))
+
+
+def reused_base(folder: Path, study_name: str, settings, heldout: list[str], long: int,
+                batch_size: int) -> tuple[dict, list[dict]]:  # fmt: skip
+    """The unedited model's held-out and over-refusal scores from an earlier run's `--out`, instead of
+    generating them again (12+ min on the 1.5B), once `check_base` has found them this run's."""
+    summary = check_base(folder, settings, heldout, long, batch_size, study_name)
+    every = json.loads((folder / "heldout_responses.json").read_text())["base"]
     seconds = summary["timings_s"]["heldout_scoring"]["base"]
-    row = {"heldout_refusals": int(summary["base_refusals_heldout"].split("/")[0]), "heldout_refusals_long": long_count,
+    row = {"heldout_refusals": int(summary["base_refusals_heldout"].split("/")[0]),
+           "heldout_refusals_long": int(summary["base_refusals_heldout_long"].split("/")[0]),
            "overrefusal": summary["overrefusal"]["base"], "still_refused": None, "still_refused_long": None,
            "seconds": {k: f"reused from {folder.name} ({v} s)" for k, v in seconds.items()}}  # fmt: skip
     return row, every
@@ -220,6 +246,9 @@ def main() -> None:
         return
     work = cache / "default-run"
     heldout, edgy = harmbench_prompts(cache, 100), overrefusal_prompts(cache)
+    if base_from and not args.score_only:  # what the command's settings fix, checked before the study
+        planned = planned_settings(args.command)
+        check_base(base_from, planned, heldout, args.long, planned.batch_size or None, None)
     started = time.perf_counter()
     if not args.score_only:
         shutil.rmtree(work, ignore_errors=True)
