@@ -109,11 +109,12 @@ def resume_parts(folder: Path, work: Path) -> list[dict]:
 
 
 def check_base(folder: Path, settings, heldout: list[str], long: int, batch_size: int | None,
-               study_name: str | None) -> dict:  # fmt: skip
+               study_name: str | None) -> tuple[dict, list[dict]]:  # fmt: skip
     """Exit unless `folder`'s unedited scores are this run's: they depend on the model, prompts,
     lengths, batch size and markers, not on the study, so each is checked and the stored long
     answers are recounted with today's markers. Runs before the study with what the command's
-    settings fix (None: not known yet), then at the end with all of it. Returns its summary."""
+    settings fix (None: not known yet), then at the end with all of it. Returns its summary and
+    stored unedited answers."""
     summary = json.loads((folder / "summary.json").read_text())
     wanted = {"max_response_length": settings.max_response_length, "long_response_length": long,
               "study": study_name, "batch_size": batch_size}  # fmt: skip
@@ -127,7 +128,7 @@ def check_base(folder: Path, settings, heldout: list[str], long: int, batch_size
     long_count = int(summary["base_refusals_heldout_long"].split("/")[0])
     if verdicts != [e["markers"] for e in every] or sum(verdicts) != long_count:
         sys.exit(f"--base-from {folder}: today's markers count its stored answers differently")
-    return summary
+    return summary, every
 
 
 def planned_settings(command: list[str]):
@@ -148,8 +149,7 @@ def reused_base(folder: Path, study_name: str, settings, heldout: list[str], lon
                 batch_size: int) -> tuple[dict, list[dict]]:  # fmt: skip
     """The unedited model's held-out and over-refusal scores from an earlier run's `--out`, instead of
     generating them again (12+ min on the 1.5B), once `check_base` has found them this run's."""
-    summary = check_base(folder, settings, heldout, long, batch_size, study_name)
-    every = json.loads((folder / "heldout_responses.json").read_text())["base"]
+    summary, every = check_base(folder, settings, heldout, long, batch_size, study_name)
     seconds = summary["timings_s"]["heldout_scoring"]["base"]
     row = {"heldout_refusals": int(summary["base_refusals_heldout"].split("/")[0]),
            "heldout_refusals_long": int(summary["base_refusals_heldout_long"].split("/")[0]),

@@ -273,8 +273,9 @@ def run_study(settings: Settings) -> StudyRun:
         stored.record_edit(edit, approximation)
         stored.record_refusals(score.refusals, score.pruned)
         if score.pruned:
+            with_margin = " (with the refusal margin: no better)" if opening_margin is not None else ""
             stored.record_pruned(f"dominated: {score.refusals} refusals, as many as a finished trial with no higher "
-                                 f"KL has" + (" (with the refusal margin: no better)" if margin_rates else ""))
+                                 f"KL has{with_margin}")  # fmt: skip
             seconds = score.kl_seconds + score.generation_seconds
             tqdm.write(f"trial {trial.number}: KL {score.kl_divergence:.4f}, pruned after {score.refusals} refusals "
                        f"(dominated by a finished trial; {seconds:.1f} s)")  # fmt: skip

@@ -198,9 +198,11 @@ def thinking_model(tmp_path_factory) -> Path:
     return path
 
 
-def study_config(tmp_path: Path, model_dir: Path, search: str = "", **extra) -> Path:
+def study_config(tmp_path: Path, model_dir: Path, search: str = "", eval_split: str = "train[150:174]",
+                 **extra) -> Path:  # fmt: skip
     """A small, fast config for the tiny models (24 eval prompts each, 12-token responses), with
-    the plain method (tests of other methods set their keys); `search` is TOML for `[search]`."""
+    the plain method (tests of other methods set their keys); `search` is TOML for `[search]`,
+    `eval_split` the built-in slice both evaluation sets take."""
     # The tiny random models refuse nothing, so the direction prompts are not filtered by refusal.
     plain = {"orthogonalize_direction": "false", "row_normalization": '"none"', "biproject_direction": "false",
              "filter_direction_prompts": "false"}  # fmt: skip
@@ -211,8 +213,8 @@ def study_config(tmp_path: Path, model_dir: Path, search: str = "", **extra) -> 
     lines = [f"{k} = {v}" for k, v in keys.items()]
     for name, dataset, split in [("good_prompts", "builtin:harmless", "train[:150]"),
                                  ("bad_prompts", "builtin:harmful", "train[:150]"),
-                                 ("good_evaluation_prompts", "builtin:harmless", "train[150:174]"),
-                                 ("bad_evaluation_prompts", "builtin:harmful", "train[150:174]")]:  # fmt: skip
+                                 ("good_evaluation_prompts", "builtin:harmless", eval_split),
+                                 ("bad_evaluation_prompts", "builtin:harmful", eval_split)]:  # fmt: skip
         lines += [f"[{name}]", f'dataset = "{dataset}"', f'split = "{split}"']
     lines.append("[search]")
     if "direction_scope" not in search:
@@ -234,9 +236,7 @@ def strong_search(low: float) -> str:
 def refused_study_config(tmp_path: Path, model_dir: Path, search: str = "", **extra) -> Path:
     """`study_config` scored on the first 24 built-in prompts of each set: the harmful ones are those
     `refusing_model` (and `thinking_model`) was trained to refuse, so its refusals show reliably."""
-    config = study_config(tmp_path, model_dir, search=search, **extra)
-    config.write_text(config.read_text().replace('split = "train[150:174]"', 'split = "train[:24]"'))
-    return config
+    return study_config(tmp_path, model_dir, search=search, eval_split="train[:24]", **extra)
 
 
 def run_on_refused_prompts(tmp_path: Path, model_dir: Path, search: str, **extra):

@@ -60,7 +60,8 @@ def test_base_scores_are_checked_against_the_commands_settings_before_the_study(
     with pytest.raises(SystemExit, match=r"short: its max_response_length is 32, this run's is 128"):
         default_run.check_base(tmp_path / "short", planned, ["p1", "p2"], 128, None, None)
     stored_base(tmp_path / "long", [True, False], length=128)
-    assert default_run.check_base(tmp_path / "long", planned, ["p1", "p2"], 128, None, None)["study"] == "m"
+    summary, answers = default_run.check_base(tmp_path / "long", planned, ["p1", "p2"], 128, None, None)
+    assert summary["study"] == "m" and [a["markers"] for a in answers] == [True, False]
     with pytest.raises(SystemExit, match=r"its batch_size is 64, this run's is 8"):  # known only at the end
         default_run.check_base(tmp_path / "long", planned, ["p1", "p2"], 128, 8, "m")
     with pytest.raises(SystemExit, match=r"held-out prompts are not this run's"):
