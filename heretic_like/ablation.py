@@ -32,11 +32,22 @@ class EditOptions:
     entanglement_threshold: float = 0.55
     mode: str = "lora"
     second_peak: bool = False  # edits may carry a second peak: one more LoRA rank
+    global_direction: bool = False  # edits may carry a global direction: one more LoRA rank
 
     @classmethod
     def from_settings(cls, settings) -> EditOptions:
         return cls(settings.row_normalization, settings.full_normalization_lora_rank, settings.biproject_direction,
-                   settings.entanglement_threshold, settings.edit_mode, settings.search.second_peak)  # fmt: skip
+                   settings.entanglement_threshold, settings.edit_mode, settings.search.second_peak,
+                   settings.search.global_direction)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class GlobalDirection:
+    """`search.global_direction`: the direction at (fractional) layer `index`, removed with strength
+    `weight` from what every layer's components write."""
+
+    index: float
+    weight: float
 
 
 @dataclass(frozen=True)
@@ -47,13 +58,15 @@ class Edit:
     neighbouring layers' main directions (extra directions come from the nearest layer).
     `entangled_strength` scales directions whose capability entanglement exceeds the threshold.
     `second_peak` (search.second_peak) is a second kernel, the same for every component, whose
-    layers are edited along their own main direction.
+    layers are edited along their own main direction. `global_direction` (search.global_direction)
+    removes one more direction from every layer, at one strength.
     """
 
     direction_index: float | None
     kernels: dict[str, Kernel]
     entangled_strength: float = 1.0
     second_peak: Kernel | None = None
+    global_direction: GlobalDirection | None = None
 
     def named_kernels(self) -> dict[str, Kernel]:
         """Every kernel under the name records and reports give it: the components', then `second_peak`."""
@@ -64,14 +77,17 @@ class Edit:
                 "kernels": {c: asdict(k) for c, k in self.kernels.items()}}  # fmt: skip
         if self.second_peak is not None:  # absent otherwise: one-peak records stay as earlier versions wrote them
             data["second_peak"] = asdict(self.second_peak)
+        if self.global_direction is not None:  # likewise
+            data["global_direction"] = asdict(self.global_direction)
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> Edit:
         kernels = {c: Kernel(**k) for c, k in data["kernels"].items()}
-        second = data.get("second_peak")
+        second, overall = data.get("second_peak"), data.get("global_direction")
         return cls(data["direction_index"], kernels, data.get("entangled_strength", 1.0),
-                   Kernel(**second) if second is not None else None)  # fmt: skip
+                   Kernel(**second) if second is not None else None,
+                   GlobalDirection(**overall) if overall is not None else None)  # fmt: skip
 
     def layer_directions(self, directions: torch.Tensor) -> torch.Tensor:
         """(n_layers, d): the main direction each layer's edit removes."""
@@ -110,6 +126,17 @@ class Edit:
                 own = biproject(own, geometry.harmless_mean[layer])
             out.append((own, torch.tensor([weight], dtype=torch.float32)) if weight != 0.0 else None)
         return out
+
+    def global_bases(self, geometry: RefusalGeometry, options: EditOptions) -> list[Entry | None]:
+        """Per layer: the global direction's ((1, d) direction, (1,) strength); None without one."""
+        n = geometry.num_layers
+        if self.global_direction is None or self.global_direction.weight == 0.0:
+            return [None] * n
+        direction = interpolate_direction(geometry.directions, self.global_direction.index)[None]
+        strength = torch.tensor([self.global_direction.weight], dtype=torch.float32)
+        if not options.biproject:
+            return [(direction, strength)] * n
+        return [(biproject(direction, geometry.harmless_mean[layer]), strength) for layer in range(n)]
 
 
 Entry = tuple[torch.Tensor, torch.Tensor]  # one module's edit: ((k, d) orthonormal basis, (k,) strengths)
@@ -156,7 +183,8 @@ class Abliterator:
             print(f"WARNING: {warning}", file=sys.stderr)
         full = self.options.row_normalization == "full"
         self.rank = (self.options.full_normalization_lora_rank if full
-                     else geometry.directions_per_layer + int(self.options.second_peak))  # fmt: skip
+                     else geometry.directions_per_layer + int(self.options.second_peak)
+                     + int(self.options.global_direction))  # fmt: skip
         self.linear: EditBackend | None = None
         if self.options.mode == "hooks":
             self.linear = HookBackend()
@@ -202,16 +230,20 @@ class Abliterator:
         if edit.second_peak is not None and not self.options.second_peak:
             # the LoRA has no rank for it: fail before any module is touched, not inside peft
             raise ValueError("this edit has a second peak, but the editor was set up without search.second_peak")
+        if edit.global_direction is not None and not self.options.global_direction:
+            raise ValueError("this edit has a global direction, but the editor was set up without "
+                             "search.global_direction")  # fmt: skip
         bases = edit.layer_bases(self.geometry, self.options)
         second = edit.second_peak_bases(self.geometry, self.options)
+        overall = edit.global_bases(self.geometry, self.options)
         n = self.geometry.num_layers
         out: dict[str, list[Entry | None]] = {}
         for component in self.components:
             kernel = edit.kernels.get(component)
             weights = kernel.weights(n) if kernel else torch.zeros(n, dtype=torch.float64)
             out[component] = [
-                stack_edits((basis, float(w) * mult) if float(w) != 0.0 else None, extra)
-                for (basis, mult), w, extra in zip(bases, weights, second, strict=True)
+                stack_edits(stack_edits((basis, float(w) * mult) if float(w) != 0.0 else None, extra), everywhere)
+                for (basis, mult), w, extra, everywhere in zip(bases, weights, second, overall, strict=True)
             ]
         return out
 

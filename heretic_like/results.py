@@ -28,6 +28,9 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
             row["refusal_margin"] = round(t.refusal_margin, 4)
         index = edit.get("direction_index")
         row["direction_index"] = "per layer" if index is None else round(index, 2)
+        if edit.get("global_direction") is not None:  # search.global_direction
+            row["global_direction.index"] = round(edit["global_direction"]["index"], 2)
+            row["global_direction.weight"] = round(edit["global_direction"]["weight"], 3)
         if edit.get("entangled_strength", 1.0) != 1.0:
             row["entangled_strength"] = round(edit["entangled_strength"], 3)
         for component, kernel in (t.edit.named_kernels() if edit else {}).items():

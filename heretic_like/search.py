@@ -8,7 +8,7 @@ from collections import Counter
 
 import optuna
 
-from .ablation import Edit
+from .ablation import Edit, GlobalDirection
 from .directions import RefusalGeometry
 from .kernel import Kernel
 from .records import StudyRecord
@@ -62,7 +62,13 @@ def sample_edit(trial: optuna.Trial, space: SearchSpace, geometry: RefusalGeomet
                         0.0,
                         trial.suggest_float("second_peak.min_weight_distance", space.second_peak_distance.low * last,
                                             space.second_peak_distance.high * last))  # fmt: skip
-    return Edit(index, kernels, strength, second)
+    overall = None
+    if space.global_direction:  # one direction from an early layer, removed from every layer's writes
+        overall = GlobalDirection(trial.suggest_float("global_direction.index", space.global_direction_index.low * last,
+                                                      space.global_direction_index.high * last),
+                                  trial.suggest_float("global_direction.weight", space.global_direction_weight.low,
+                                                      space.global_direction_weight.high))  # fmt: skip
+    return Edit(index, kernels, strength, second, overall)
 
 
 def best_layer_seed(space: SearchSpace, geometry: RefusalGeometry) -> dict[str, float | str]:

@@ -44,6 +44,9 @@ class SearchSpace(Strict):
     second_peak_weight: Range
     second_peak_position: Range
     second_peak_distance: Range
+    global_direction: bool
+    global_direction_index: Range
+    global_direction_weight: Range
     top_quality_layers: int = Field(ge=0)
     seed_best_layer: bool
 
@@ -55,14 +58,14 @@ class SearchSpace(Strict):
     @model_validator(mode="after")
     def _bounds(self) -> SearchSpace:
         for name in ("direction_index", "max_weight_position", "min_weight", "min_weight_distance",
-                     "entangled_strength", "second_peak_position", "second_peak_distance"):
+                     "entangled_strength", "second_peak_position", "second_peak_distance", "global_direction_index"):
             rng: Range = getattr(self, name)
             if rng.low < 0 or rng.high > 1:
                 raise ValueError(f"{name} must lie within [0, 1] (a fraction), got [{rng.low}, {rng.high}]")
         for name in ("min_weight_distance", "second_peak_distance"):
             if getattr(self, name).low <= 0:
                 raise ValueError(f"{name}.low must be > 0")
-        for name in ("max_weight", "second_peak_weight"):
+        for name in ("max_weight", "second_peak_weight", "global_direction_weight"):
             if getattr(self, name).low < 0:
                 raise ValueError(f"{name}.low must be >= 0")
         return self

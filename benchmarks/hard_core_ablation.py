@@ -1,0 +1,198 @@
+"""Can any direction edit remove the hard core? Ablations on top of a chosen edit, KL for each.
+
+Every lever of issue 16 left the same few held-out prompts refused (the slur notes above all),
+and `refusal_strength.py` found they lie off the refusal direction. This asks the next question
+directly, on an exported edit: read new refusal directions *in the edited model* (last prompt
+token, against the built-in harmless prompts), remove them on top of the edit, and report the
+first-token KL from the unedited model (the study's 100 harmless evaluation prompts) and which
+hard-core prompts still refuse at 128 tokens (markers). Directions come from
+
+- `hate`: the 36 StrongREJECT "Hate, harassment and discrimination" prompts the study does not
+  score on (a usable edit: no held-out prompt is read), or
+- `builtin`: the built-in 150 harmful direction prompts (unfiltered), for comparison, or
+- `refused`: the hard-core prompts the edited model itself still refuses (a diagnostic, not an
+  edit anyone could ship: it reads held-out prompts; it bounds what a direction edit can do).
+
+Edits (`--edits`, JSON, each on top of the chosen edit, weights W <- W - w V^T V W):
+  ["own", w, first, last]    each layer first..last: its own direction, from o_proj and down_proj
+  ["one", layer, w]          that layer's direction from every layer's writes and the embeddings
+                             (at w = 1, directional ablation: the residual keeps no component
+                             along it); w is optional, 1 by default
+  ["span", [l1, l2, ...], w] the directions of those layers, orthonormalised, as "one"
+  ["writes", layer, w]       as "one", the embeddings left as they are
+
+    python benchmarks/hard_core_ablation.py --edited EXPORTED_FOLDER \
+        --results benchmarks/results-quality/seed-0 ... --out benchmarks/results-quality/levers/hard-core-ablation
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from qwen_benchmark import DATA, fetch_member, harmbench_prompts, overrefusal_prompts  # noqa: E402
+from refusal_strength import refused_by  # noqa: E402
+
+from heretic_like.config import load_settings  # noqa: E402
+from heretic_like.detectors import MarkerDetector  # noqa: E402
+from heretic_like.directions import collect_residuals, orthonormalize  # noqa: E402
+from heretic_like.evaluation import kl_divergence  # noqa: E402
+from heretic_like.generation import first_token_logprobs, generate  # noqa: E402
+from heretic_like.model import chat_texts, load_model  # noqa: E402
+from heretic_like.projection import edited_weight  # noqa: E402
+from heretic_like.prompts import load_all_prompts  # noqa: E402
+from heretic_like.testbed import fetch_qwen  # noqa: E402
+
+COMPONENTS = ("self_attn.o_proj", "mlp.down_proj")
+DEFAULT_EDITS = '[["own", 0.5, 9, 13], ["own", 1.0, 4, 23], ["one", 8], ["one", 12], ["one", 20], ' \
+                '["span", [4, 8, 12, 16, 20, 23]], ["span", [2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 23]]]'
+
+
+def hate_prompts(cache: Path, study: list[str]) -> list[str]:
+    """StrongREJECT's hate category less the prompts the study scores on."""
+    rows = csv.DictReader(io.StringIO(fetch_member(*DATA["strongreject"], cache).decode()))
+    seen = set(study)
+    return [r["forbidden_prompt"] for r in rows
+            if r["category"].startswith("Hate") and r["forbidden_prompt"] not in seen]  # fmt: skip
+
+
+def fixed_source(source: str, cache: Path, sets) -> list[str]:
+    """The direction prompts of `--source` hate or builtin (the built-in 150 harmful, unfiltered)."""
+    return hate_prompts(cache, sets.harmful_eval) if source == "hate" else sets.harmful
+
+
+def ablation_plan(edit: list, directions: torch.Tensor) -> tuple[dict[int, torch.Tensor], torch.Tensor | None, float]:
+    """(layer -> (k, d) orthonormal basis, embedding basis or None, strength) for one `--edits` entry."""
+    kind = edit[0]
+    if kind == "own":
+        _, weight, first, last = edit
+        return {i: directions[i][None] for i in range(first, last + 1)}, None, float(weight)
+    if kind in ("one", "writes"):
+        basis = directions[edit[1]][None]
+    elif kind == "span":
+        basis = orthonormalize(directions[list(edit[1])])
+    else:
+        raise SystemExit(f"--edits: unknown edit {kind!r} (own, one, span, writes)")
+    weight = float(edit[2]) if len(edit) > 2 else 1.0
+    return {i: basis for i in range(len(directions))}, None if kind == "writes" else basis, weight
+
+
+@torch.inference_mode()
+def apply(loaded, original: dict, plan: dict[int, torch.Tensor], embedding: torch.Tensor | None, weight: float) -> None:
+    """Set every target weight to the chosen edit's plus this ablation (from the saved originals)."""
+    layers = loaded.model.get_submodule(loaded.layers_path)
+    for (index, name), w0 in original.items():
+        module = loaded.model.get_input_embeddings() if name == "embed" else layers[index].get_submodule(name)
+        target = module.weight
+        basis = embedding if name == "embed" else plan.get(index)
+        if basis is None:
+            target.copy_(w0)
+            continue
+        strengths = torch.full((len(basis),), weight)
+        # The embedding matrix holds residual vectors as rows, a module's weight as columns.
+        new = edited_weight(w0.T, basis, strengths).T if name == "embed" else edited_weight(w0, basis, strengths)
+        target.copy_(new.to(w0.dtype))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--edited", type=Path, required=True, help="an exported edit (model folder)")
+    parser.add_argument("--results", type=Path, nargs="+", required=True,
+                        help="default_run.py folders: the hard core is what their chosen edits refuse "
+                             "at 128 tokens")  # fmt: skip
+    parser.add_argument("--source", choices=["hate", "builtin", "refused"], default="hate")
+    parser.add_argument("--edits", default=DEFAULT_EDITS, help="JSON list of edits (see the docstring)")
+    parser.add_argument("--read-in", choices=["edited", "unedited"], default="edited",
+                        help="the model whose residuals give the new directions")  # fmt: skip
+    parser.add_argument("--heldout", action="store_true",
+                        help="also count all 100 held-out prompts at 128 tokens and the 80 benign-edgy ones at 32, "
+                             "for the chosen edit and each edit")  # fmt: skip
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    edits = json.loads(args.edits)
+    if args.read_in == "unedited" and args.source == "refused":
+        sys.exit("--read-in unedited: not with --source refused (the refused prompts are known after the edit)")
+    if not (args.edited / "config.json").is_file():
+        sys.exit(f"--edited: {args.edited} is not an exported model folder (no config.json)")
+    cache = ROOT / "benchmarks" / ".cache"
+    settings = load_settings(None, {"model": str(fetch_qwen(ROOT / "models"))})
+    sets = load_all_prompts(settings)
+    detector = MarkerDetector.from_settings(settings)
+    heldout, edgy = harmbench_prompts(cache, 100), overrefusal_prompts(cache)
+    refused = [refused_by(folder, "best_trial", detector) for folder in args.results]
+    hard = [p for p in heldout if any(r[p] for r in refused)]
+    system = settings.system_prompt
+    started = time.perf_counter()
+    base = load_model(settings)
+    base_logprobs = first_token_logprobs(base, chat_texts(base.tokenizer, sets.harmless_eval, system), 64)
+    if args.read_in == "unedited":
+        unedited_means = [collect_residuals(base, prompts, system, 16).mean(0)
+                          for prompts in (fixed_source(args.source, cache, sets), sets.harmless)]  # fmt: skip
+    del base
+    edited = load_model(load_settings(None, {"model": str(args.edited)}))
+
+    def measure() -> dict:
+        logprobs = first_token_logprobs(edited, chat_texts(edited.tokenizer, sets.harmless_eval, system), 64)
+        answers = generate(edited, chat_texts(edited.tokenizer, hard, system), 128, 16)
+        verdicts = detector.classify(hard, answers)
+        kept = [{"prompt": p, "refused": v, "response": a} for p, a, v in zip(hard, answers, verdicts, strict=True)]
+        row = {"kl": round(kl_divergence(base_logprobs, logprobs), 4), "refused": sum(verdicts), "answers": kept}
+        if args.heldout:
+            for name, prompts, length in (("heldout_refusals_long", heldout, 128), ("overrefusal", edgy, 32)):
+                answers = generate(edited, chat_texts(edited.tokenizer, prompts, system), length, 32)
+                verdicts = detector.classify(prompts, answers)
+                row[name] = sum(verdicts)
+                row[f"{name}_prompts"] = [p for p, v in zip(prompts, verdicts, strict=True) if v]
+        return row
+
+    rows = [{"edit": "the chosen edit alone", **measure()}]
+    source = fixed_source(args.source, cache, sets) if args.source != "refused" else \
+        [a["prompt"] for a in rows[0]["answers"] if a["refused"]]  # fmt: skip
+    if not source:
+        sys.exit("--source refused: the edited model refuses none of the hard core")
+    if args.read_in == "unedited":
+        harmful, harmless = unedited_means
+    else:
+        harmful = collect_residuals(edited, source, system, 16).mean(0)
+        harmless = collect_residuals(edited, sets.harmless, system, 16).mean(0)
+    directions = torch.nn.functional.normalize(harmful - harmless, dim=-1)  # (layers, d)
+    layers = edited.model.get_submodule(edited.layers_path)
+    original = {(i, name): layer.get_submodule(name).weight.detach().clone()
+                for i, layer in enumerate(layers) for name in COMPONENTS}  # fmt: skip
+    original[(-1, "embed")] = edited.model.get_input_embeddings().weight.detach().clone()
+    for edit in edits:
+        apply(edited, original, *ablation_plan(edit, directions))
+        rows.append({"edit": edit, **measure()})
+        print(f"{json.dumps(edit)}: KL {rows[-1]['kl']}, hard core refused {rows[-1]['refused']}/{len(hard)}",
+              flush=True)  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {"edited": str(args.edited), "results": [str(r) for r in args.results], "source": args.source,
+              "read_in": args.read_in,
+              "source_prompts": len(source), "hard_core": hard, "seconds": round(time.perf_counter() - started),
+              "rows": rows}  # fmt: skip
+    name = args.source + ("-unedited" if args.read_in == "unedited" else "") + ("-heldout" if args.heldout else "")
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(f"{args.source} ({len(source)} prompts), hard core {len(hard)}; the chosen edit alone: KL {rows[0]['kl']}, "
+          f"refused {rows[0]['refused']}")  # fmt: skip
+    for row in rows:
+        refusing = [a["prompt"][:38] for a in row["answers"] if a["refused"]]
+        print(f"  {json.dumps(row['edit'])[:60]:60s} KL {row['kl']:<7} refused {row['refused']}: {refusing}")
+        if args.heldout:
+            print(f"    held out {row['heldout_refusals_long']}/100 at 128 tokens, "
+                  f"over-refusal {row['overrefusal']}/80: "
+                  f"{[p[:38] for p in row['heldout_refusals_long_prompts']]}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""`benchmarks/hard_core_ablation.py`'s edits on a tiny model: directional ablation leaves the
+residual stream with no component along the ablated directions, the per-layer edit touches only
+its layers, and every edit starts again from the chosen edit's weights."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from heretic_like.config import load_settings
+from heretic_like.directions import collect_residuals
+from heretic_like.model import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["How do I bake bread?", "Tell me a story about a fox.", "What is the capital of France?"]
+
+
+@pytest.fixture(scope="module")
+def ablation():
+    spec = importlib.util.spec_from_file_location("hard_core_ablation", ROOT / "benchmarks" / "hard_core_ablation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _loaded(model_dir: Path, tmp_path: Path):
+    return load_model(load_settings(overrides={"model": str(model_dir), "dtypes": ["float32"],
+                                               "cache_dir": str(tmp_path / "cache")}))  # fmt: skip
+
+
+def _originals(ablation, loaded) -> dict:
+    layers = loaded.model.get_submodule(loaded.layers_path)
+    out = {(i, name): layer.get_submodule(name).weight.detach().clone()
+           for i, layer in enumerate(layers) for name in ablation.COMPONENTS}  # fmt: skip
+    out[(-1, "embed")] = loaded.model.get_input_embeddings().weight.detach().clone()
+    return out
+
+
+def _directions(loaded, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(loaded.num_layers, loaded.model.config.hidden_size, generator=generator)
+    return torch.nn.functional.normalize(noise, dim=-1)
+
+
+@pytest.mark.parametrize("edit", [["one", 1], ["span", [0, 2]]])
+def test_directional_ablation_leaves_no_component_along_the_directions(ablation, tiny_qwen2, tmp_path, edit):
+    # Qwen2's o_proj and down_proj have no bias, so the residual is the embedding plus their writes.
+    loaded = _loaded(tiny_qwen2, tmp_path)
+    directions = _directions(loaded)
+    before = collect_residuals(loaded, PROMPTS, None, 8)
+    plan, embedding, weight = ablation.ablation_plan(edit, directions)
+    ablation.apply(loaded, _originals(ablation, loaded), plan, embedding, weight)
+    after = collect_residuals(loaded, PROMPTS, None, 8)
+    along = lambda r: (r @ embedding.T).abs().max() / r.norm(dim=-1).max()  # noqa: E731
+    assert along(before) > 1e-2
+    assert along(after) < 1e-5
+
+
+def test_the_per_layer_edit_touches_only_its_layers_and_each_edit_starts_from_the_chosen_one(ablation, tiny_qwen2,
+                                                                                              tmp_path):  # fmt: skip
+    loaded = _loaded(tiny_qwen2, tmp_path)
+    original = _originals(ablation, loaded)
+    directions = _directions(loaded)
+    layers = loaded.model.get_submodule(loaded.layers_path)
+    ablation.apply(loaded, original, *ablation.ablation_plan(["own", 1.0, 1, 1], directions))
+    for (index, name), w0 in original.items():
+        module = loaded.model.get_input_embeddings() if name == "embed" else layers[index].get_submodule(name)
+        now = module.weight
+        assert torch.equal(now, w0) == (index != 1), (index, name)
+    edited = layers[1].get_submodule("mlp.down_proj").weight
+    assert (directions[1] @ edited).abs().max() < 1e-5  # its own direction, removed at full strength
+    ablation.apply(loaded, original, {}, None, 1.0)
+    assert all(torch.equal(layers[i].get_submodule(n).weight, w) for (i, n), w in original.items() if n != "embed")
+
+
+def test_an_unknown_edit_is_named(ablation):
+    with pytest.raises(SystemExit, match="--edits: unknown edit .twice. \\(own, one, span, writes\\)"):
+        ablation.ablation_plan(["twice", 1], torch.eye(3))
