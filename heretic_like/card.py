@@ -103,6 +103,9 @@ def model_card(settings: Settings, study: optuna.Study, trial: TrialRecord, edit
     for component, kernel in edit.named_kernels().items():
         for key, value in vars(kernel).items():
             rows.append((f"{component}.{key}", value if isinstance(value, str) else f"{value:.2f}"))
+    if edit.global_direction is not None:  # search.global_direction
+        rows += [("global_direction.index", f"{edit.global_direction.index:.2f}"),
+                 ("global_direction.weight", f"{edit.global_direction.weight:.3f}")]  # fmt: skip
     params = "\n".join(f"| {k} | {v} |" for k, v in rows)
     long, length = "", settings.verify_response_length
     long_count = record.long_refusals(trial.number, length)

@@ -112,3 +112,4 @@ def test_a_study_with_it_reports_and_exports_it(tiny_llama, tmp_path):
     merged = tmp_path / "merged"
     assert main(["export", "--study", str(journal), "--trial", "0", "--out", str(merged)]) == 0
     assert (merged / "model.safetensors").is_file()
+    assert "| global_direction.weight | 0.600 |" in (merged / "README.md").read_text()  # the model card
