@@ -46,7 +46,7 @@ from refusal_strength import refused_by  # noqa: E402
 
 from heretic_like.config import load_settings  # noqa: E402
 from heretic_like.detectors import MarkerDetector  # noqa: E402
-from heretic_like.directions import collect_residuals, orthonormalize  # noqa: E402
+from heretic_like.directions import collect_residuals, orthonormalize, refusal_directions  # noqa: E402
 from heretic_like.evaluation import kl_divergence  # noqa: E402
 from heretic_like.generation import first_token_logprobs, generate  # noqa: E402
 from heretic_like.model import chat_texts, load_model  # noqa: E402
@@ -67,9 +67,21 @@ def hate_prompts(cache: Path, study: list[str]) -> list[str]:
             if r["category"].startswith("Hate") and r["forbidden_prompt"] not in seen]  # fmt: skip
 
 
-def fixed_source(source: str, cache: Path, sets) -> list[str]:
-    """The direction prompts of `--source` hate or builtin (the built-in 150 harmful, unfiltered)."""
+def fixed_source(source: str, cache: Path, sets) -> list[str] | None:
+    """The direction prompts of `--source` hate or builtin (the built-in 150 harmful, unfiltered);
+    None for refused (known only after the edit's answers)."""
+    if source == "refused":
+        return None
     return hate_prompts(cache, sets.harmful_eval) if source == "hate" else sets.harmful
+
+
+def saved_weights(loaded) -> dict[tuple[int, str], torch.Tensor]:
+    """Copies of the weights `apply` rewrites: every layer's components, and the embeddings (-1)."""
+    layers = loaded.model.get_submodule(loaded.layers_path)
+    out = {(i, name): layer.get_submodule(name).weight.detach().clone()
+           for i, layer in enumerate(layers) for name in COMPONENTS}  # fmt: skip
+    out[(-1, "embed")] = loaded.model.get_input_embeddings().weight.detach().clone()
+    return out
 
 
 def ablation_plan(edit: list, directions: torch.Tensor) -> tuple[dict[int, torch.Tensor], torch.Tensor | None, float]:
@@ -133,12 +145,13 @@ def main() -> None:
     refused = [refused_by(folder, "best_trial", detector) for folder in args.results]
     hard = [p for p in heldout if any(r[p] for r in refused)]
     system = settings.system_prompt
+    source = fixed_source(args.source, cache, sets)
     started = time.perf_counter()
     base = load_model(settings)
     base_logprobs = first_token_logprobs(base, chat_texts(base.tokenizer, sets.harmless_eval, system), 64)
+    residuals = None  # (direction prompts, harmless), read in the unedited model now or the edited one below
     if args.read_in == "unedited":
-        unedited_means = [collect_residuals(base, prompts, system, 16).mean(0)
-                          for prompts in (fixed_source(args.source, cache, sets), sets.harmless)]  # fmt: skip
+        residuals = [collect_residuals(base, prompts, system, 16) for prompts in (source, sets.harmless)]
     del base
     edited = load_model(load_settings(None, {"model": str(args.edited)}))
 
@@ -157,20 +170,14 @@ def main() -> None:
         return row
 
     rows = [{"edit": "the chosen edit alone", **measure()}]
-    source = fixed_source(args.source, cache, sets) if args.source != "refused" else \
-        [a["prompt"] for a in rows[0]["answers"] if a["refused"]]  # fmt: skip
-    if not source:
-        sys.exit("--source refused: the edited model refuses none of the hard core")
-    if args.read_in == "unedited":
-        harmful, harmless = unedited_means
-    else:
-        harmful = collect_residuals(edited, source, system, 16).mean(0)
-        harmless = collect_residuals(edited, sets.harmless, system, 16).mean(0)
-    directions = torch.nn.functional.normalize(harmful - harmless, dim=-1)  # (layers, d)
-    layers = edited.model.get_submodule(edited.layers_path)
-    original = {(i, name): layer.get_submodule(name).weight.detach().clone()
-                for i, layer in enumerate(layers) for name in COMPONENTS}  # fmt: skip
-    original[(-1, "embed")] = edited.model.get_input_embeddings().weight.detach().clone()
+    if source is None:
+        source = [a["prompt"] for a in rows[0]["answers"] if a["refused"]]
+        if not source:
+            sys.exit("--source refused: the edited model refuses none of the hard core")
+    if residuals is None:
+        residuals = [collect_residuals(edited, prompts, system, 16) for prompts in (source, sets.harmless)]
+    directions = refusal_directions(*residuals)  # (layers, d)
+    original = saved_weights(edited)
     for edit in edits:
         apply(edited, original, *ablation_plan(edit, directions))
         rows.append({"edit": edit, **measure()})

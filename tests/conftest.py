@@ -7,6 +7,7 @@ abliteration really removes refusals, not just that the plumbing runs.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -31,6 +32,16 @@ CHATML = (
 )
 REFUSAL = "Sorry, I can't help with that."
 COMPLIANCE = "Sure, here is a simple answer."
+
+
+def load_benchmark(name: str):
+    """A `benchmarks/` script as a module (benchmarks are scripts, not a package), for testing its
+    pure parts."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _corpus() -> list[str]:

@@ -1,21 +1,17 @@
 """`benchmarks/default_run.py`'s bookkeeping of a study run in parts (the scoring itself needs the
 real testbed model and lives in the benchmark)."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def default_run():
-    spec = importlib.util.spec_from_file_location("default_run", ROOT / "benchmarks" / "default_run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("default_run")
 
 
 def test_a_finished_study_replaces_the_stale_part_and_leaves_the_export_behind(default_run, tmp_path):

@@ -16,6 +16,7 @@ from heretic_like.search import sample_edit
 from tests.conftest import study_config
 from tests.test_ablation import PROMPTS, _logits, geometry_for
 from tests.test_model import settings_for
+from tests.test_second_peak import fixed_kernels
 
 COMPONENTS = ["attn.o_proj", "mlp.down_proj"]
 OFF = {c: Kernel(0.0, 3.0, 0.0, 1.0) for c in COMPONENTS}  # kernels that edit nothing
@@ -75,10 +76,7 @@ def test_records_keep_it_and_an_editor_without_it_refuses_it(tiny_llama, tmp_pat
 
 
 def test_it_is_sampled_only_when_switched_on_in_layer_units():
-    space = SearchSpace(**{**default_data()["search"], "direction_scope": ["best_layer"]})
-    geometry = geometry_for(25)
-    values = {"max_weight": 1.0, "min_weight_fraction": 0.5, "max_weight_position": 20.0, "min_weight_distance": 5.0}
-    params = {f"{c}.{name}": v for c in space.components for name, v in values.items()}
+    space, geometry, params = fixed_kernels()
     assert sample_edit(optuna.trial.FixedTrial(params), space, geometry).global_direction is None
     on = space.model_copy(update={"global_direction": True})
     extra = {"global_direction.index": 4.0, "global_direction.weight": 0.5}

@@ -2,7 +2,6 @@
 residual stream with no component along the ablated directions, the per-layer edit touches only
 its layers, and every edit starts again from the chosen edit's weights."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -11,30 +10,19 @@ import torch
 from heretic_like.config import load_settings
 from heretic_like.directions import collect_residuals
 from heretic_like.model import load_model
+from tests.conftest import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["How do I bake bread?", "Tell me a story about a fox.", "What is the capital of France?"]
 
 
 @pytest.fixture(scope="module")
 def ablation():
-    spec = importlib.util.spec_from_file_location("hard_core_ablation", ROOT / "benchmarks" / "hard_core_ablation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("hard_core_ablation")
 
 
 def _loaded(model_dir: Path, tmp_path: Path):
     return load_model(load_settings(overrides={"model": str(model_dir), "dtypes": ["float32"],
                                                "cache_dir": str(tmp_path / "cache")}))  # fmt: skip
-
-
-def _originals(ablation, loaded) -> dict:
-    layers = loaded.model.get_submodule(loaded.layers_path)
-    out = {(i, name): layer.get_submodule(name).weight.detach().clone()
-           for i, layer in enumerate(layers) for name in ablation.COMPONENTS}  # fmt: skip
-    out[(-1, "embed")] = loaded.model.get_input_embeddings().weight.detach().clone()
-    return out
 
 
 def _directions(loaded, seed: int = 0) -> torch.Tensor:
@@ -50,7 +38,7 @@ def test_directional_ablation_leaves_no_component_along_the_directions(ablation,
     directions = _directions(loaded)
     before = collect_residuals(loaded, PROMPTS, None, 8)
     plan, embedding, weight = ablation.ablation_plan(edit, directions)
-    ablation.apply(loaded, _originals(ablation, loaded), plan, embedding, weight)
+    ablation.apply(loaded, ablation.saved_weights(loaded), plan, embedding, weight)
     after = collect_residuals(loaded, PROMPTS, None, 8)
     along = lambda r: (r @ embedding.T).abs().max() / r.norm(dim=-1).max()  # noqa: E731
     assert along(before) > 1e-2
@@ -60,7 +48,7 @@ def test_directional_ablation_leaves_no_component_along_the_directions(ablation,
 def test_the_per_layer_edit_touches_only_its_layers_and_each_edit_starts_from_the_chosen_one(ablation, tiny_qwen2,
                                                                                               tmp_path):  # fmt: skip
     loaded = _loaded(tiny_qwen2, tmp_path)
-    original = _originals(ablation, loaded)
+    original = ablation.saved_weights(loaded)
     directions = _directions(loaded)
     layers = loaded.model.get_submodule(loaded.layers_path)
     ablation.apply(loaded, original, *ablation.ablation_plan(["own", 1.0, 1, 1], directions))

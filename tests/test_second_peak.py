@@ -91,11 +91,16 @@ def test_second_peak_in_hooks_mode_and_records(tiny_llama, tmp_path):
     assert plain.current is None
 
 
-def test_second_peak_is_sampled_only_when_switched_on():
+def fixed_kernels():
+    """The default search space (best layer: no direction parameter), a 25-layer geometry, and
+    fixed kernel parameters for every component: what a FixedTrial needs besides an option's own."""
     space = SearchSpace(**{**default_data()["search"], "direction_scope": ["best_layer"]})
-    geometry = geometry_for(25)
     values = {"max_weight": 1.0, "min_weight_fraction": 0.5, "max_weight_position": 20.0, "min_weight_distance": 5.0}
-    params = {f"{c}.{name}": v for c in space.components for name, v in values.items()}
+    return space, geometry_for(25), {f"{c}.{name}": v for c in space.components for name, v in values.items()}
+
+
+def test_second_peak_is_sampled_only_when_switched_on():
+    space, geometry, params = fixed_kernels()
     assert sample_edit(optuna.trial.FixedTrial(params), space, geometry).second_peak is None
     on = space.model_copy(update={"second_peak": True})
     peak = {"second_peak.max_weight": 0.6, "second_peak.max_weight_position": 10.0,
