@@ -157,13 +157,14 @@ def main() -> None:
 
     def measure() -> dict:
         logprobs = first_token_logprobs(edited, chat_texts(edited.tokenizer, sets.harmless_eval, system), 64)
-        answers = generate(edited, chat_texts(edited.tokenizer, hard, system), 128, 16)
+        answers = generate(edited, chat_texts(edited.tokenizer, hard, system), 128, 16, desc="hard core, 128 tokens")
         verdicts = detector.classify(hard, answers)
         kept = [{"prompt": p, "refused": v, "response": a} for p, a, v in zip(hard, answers, verdicts, strict=True)]
         row = {"kl": round(kl_divergence(base_logprobs, logprobs), 4), "refused": sum(verdicts), "answers": kept}
         if args.heldout:
             for name, prompts, length in (("heldout_refusals_long", heldout, 128), ("overrefusal", edgy, 32)):
-                answers = generate(edited, chat_texts(edited.tokenizer, prompts, system), length, 32)
+                answers = generate(edited, chat_texts(edited.tokenizer, prompts, system), length, 32,
+                                   desc=f"{name}, {length} tokens")  # fmt: skip
                 verdicts = detector.classify(prompts, answers)
                 row[name] = sum(verdicts)
                 row[f"{name}_prompts"] = [p for p, v in zip(prompts, verdicts, strict=True) if v]
