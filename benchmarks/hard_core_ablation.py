@@ -20,6 +20,12 @@ Edits (`--edits`, JSON, each on top of the chosen edit, weights W <- W - w V^T V
                              along it); w is optional, 1 by default
   ["span", [l1, l2, ...], w] the directions of those layers, orthonormalised, as "one"
   ["writes", layer, w]       as "one", the embeddings left as they are
+  ["add", layer, a]          not a weight edit: activation addition. Subtract a times that layer's
+                             mean difference (harmful - harmless, unnormalised) from what the
+                             layer outputs at every position (a forward hook): it moves every
+                             prompt by the same amount, so it also reaches prompts that lie off
+                             the direction, which ablation (removing only a prompt's own
+                             component) cannot
 
     python benchmarks/hard_core_ablation.py --edited EXPORTED_FOLDER \
         --results benchmarks/results-quality/seed-0 ... --out benchmarks/results-quality/levers/hard-core-ablation
@@ -95,9 +101,21 @@ def ablation_plan(edit: list, directions: torch.Tensor) -> tuple[dict[int, torch
     elif kind == "span":
         basis = orthonormalize(directions[list(edit[1])])
     else:
-        raise SystemExit(f"--edits: unknown edit {kind!r} (own, one, span, writes)")
+        raise SystemExit(f"--edits: unknown edit {kind!r} (own, one, span, writes, add)")
     weight = float(edit[2]) if len(edit) > 2 else 1.0
     return {i: basis for i in range(len(directions))}, None if kind == "writes" else basis, weight
+
+
+def addition_hook(loaded, layer: int, shift: torch.Tensor):
+    """Add `shift` to what decoder layer `layer` writes into the residual stream, at every position
+    (activation addition); returns the handle that removes it."""
+
+    def hook(module, args, output):
+        if isinstance(output, tuple):
+            return (output[0] + shift.to(output[0].dtype), *output[1:])
+        return output + shift.to(output.dtype)
+
+    return loaded.model.get_submodule(loaded.layers_path)[layer].register_forward_hook(hook)
 
 
 @torch.inference_mode()
@@ -178,10 +196,20 @@ def main() -> None:
     if residuals is None:
         residuals = [collect_residuals(edited, prompts, system, 16) for prompts in (source, sets.harmless)]
     directions = refusal_directions(*residuals)  # (layers, d)
+    gaps = residuals[0].double().mean(0) - residuals[1].double().mean(0)  # (layers, d), for "add"
     original = saved_weights(edited)
     for edit in edits:
-        apply(edited, original, *ablation_plan(edit, directions))
-        rows.append({"edit": edit, **measure()})
+        handle = None
+        if edit[0] == "add":
+            apply(edited, original, {}, None, 1.0)
+            handle = addition_hook(edited, edit[1], (-float(edit[2]) * gaps[edit[1]]).float())
+        else:
+            apply(edited, original, *ablation_plan(edit, directions))
+        try:
+            rows.append({"edit": edit, **measure()})
+        finally:
+            if handle is not None:
+                handle.remove()
         print(f"{json.dumps(edit)}: KL {rows[-1]['kl']}, hard core refused {rows[-1]['refused']}/{len(hard)}",
               flush=True)  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)

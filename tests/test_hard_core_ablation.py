@@ -63,5 +63,18 @@ def test_the_per_layer_edit_touches_only_its_layers_and_each_edit_starts_from_th
 
 
 def test_an_unknown_edit_is_named(ablation):
-    with pytest.raises(SystemExit, match="--edits: unknown edit .twice. \\(own, one, span, writes\\)"):
+    with pytest.raises(SystemExit, match="--edits: unknown edit .twice. \\(own, one, span, writes, add\\)"):
         ablation.ablation_plan(["twice", 1], torch.eye(3))
+
+
+def test_activation_addition_shifts_that_layer_and_only_later_ones_and_comes_off(ablation, tiny_qwen2, tmp_path):
+    loaded = _loaded(tiny_qwen2, tmp_path)
+    before = collect_residuals(loaded, PROMPTS, None, 8)
+    shift = _directions(loaded, seed=1)[1] * 3.0
+    handle = ablation.addition_hook(loaded, 1, shift)
+    during = collect_residuals(loaded, PROMPTS, None, 8)
+    handle.remove()
+    torch.testing.assert_close(during[:, 0], before[:, 0])  # the layer before: untouched
+    torch.testing.assert_close(during[:, 1], before[:, 1] + shift)  # every prompt moved by the same vector
+    assert not torch.allclose(during[:, 2], before[:, 2] + shift, atol=1e-4)  # later layers read the shift
+    torch.testing.assert_close(collect_residuals(loaded, PROMPTS, None, 8), before)
