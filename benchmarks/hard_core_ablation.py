@@ -90,6 +90,33 @@ def saved_weights(loaded) -> dict[tuple[int, str], torch.Tensor]:
     return out
 
 
+# Each edit's form, as --edits takes it (w optional in one, span, writes).
+EDIT_FORMS = {"own": '["own", w, first, last]', "one": '["one", layer, w]', "span": '["span", [l1, l2, ...], w]',
+              "writes": '["writes", layer, w]', "add": '["add", layer, a]'}  # fmt: skip
+EDIT_LENGTHS = {"own": (4,), "one": (2, 3), "span": (2, 3), "writes": (2, 3), "add": (3,)}
+
+
+def unknown_edit(kind) -> SystemExit:
+    return SystemExit(f"--edits: unknown edit {kind!r} ({', '.join(EDIT_FORMS)})")
+
+
+def check_edits(edits, n_layers: int) -> None:
+    """Every --edits entry well formed, its layers inside the model: checked before minutes of
+    loading and generating, where a typo would otherwise surface as a traceback."""
+    if not isinstance(edits, list):
+        raise SystemExit("--edits: a JSON list of edits, e.g. '[[\"one\", 4, 0.5]]'")
+    for edit in edits:
+        if not isinstance(edit, list) or not edit:
+            raise SystemExit(f"--edits: {json.dumps(edit)} is not an edit (a list such as {EDIT_FORMS['one']})")
+        if edit[0] not in EDIT_FORMS:
+            raise unknown_edit(edit[0])
+        if len(edit) not in EDIT_LENGTHS[edit[0]]:
+            raise SystemExit(f"--edits: {json.dumps(edit)}: expected {EDIT_FORMS[edit[0]]}")
+        layers = edit[2:4] if edit[0] == "own" else edit[1] if edit[0] == "span" else [edit[1]]
+        if not isinstance(layers, list) or not all(isinstance(i, int) and 0 <= i < n_layers for i in layers):
+            raise SystemExit(f"--edits: {json.dumps(edit)}: layers are whole numbers from 0 to {n_layers - 1}")
+
+
 def ablation_plan(edit: list, directions: torch.Tensor) -> tuple[dict[int, torch.Tensor], torch.Tensor | None, float]:
     """(layer -> (k, d) orthonormal basis, embedding basis or None, strength) for one `--edits` entry."""
     kind = edit[0]
@@ -101,7 +128,7 @@ def ablation_plan(edit: list, directions: torch.Tensor) -> tuple[dict[int, torch
     elif kind == "span":
         basis = orthonormalize(directions[list(edit[1])])
     else:
-        raise SystemExit(f"--edits: unknown edit {kind!r} (own, one, span, writes, add)")
+        raise unknown_edit(kind)
     weight = float(edit[2]) if len(edit) > 2 else 1.0
     return {i: basis for i in range(len(directions))}, None if kind == "writes" else basis, weight
 
@@ -116,6 +143,16 @@ def addition_hook(loaded, layer: int, shift: torch.Tensor):
         return output + shift.to(output.dtype)
 
     return loaded.model.get_submodule(loaded.layers_path)[layer].register_forward_hook(hook)
+
+
+def apply_edit(loaded, original: dict, edit: list, directions: torch.Tensor, gaps: torch.Tensor):
+    """Put one --edits entry on top of the chosen edit; returns the hook handle of an "add" (None
+    for the weight edits), which the caller removes after measuring."""
+    if edit[0] != "add":
+        apply(loaded, original, *ablation_plan(edit, directions))
+        return None
+    apply(loaded, original, {}, None, 1.0)  # the chosen edit's own weights
+    return addition_hook(loaded, edit[1], (-float(edit[2]) * gaps[edit[1]]).float())
 
 
 @torch.inference_mode()
@@ -150,11 +187,15 @@ def main() -> None:
                              "for the chosen edit and each edit")  # fmt: skip
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    edits = json.loads(args.edits)
+    try:
+        edits = json.loads(args.edits)
+    except json.JSONDecodeError as error:
+        sys.exit(f"--edits: not JSON ({error})")
     if args.read_in == "unedited" and args.source == "refused":
         sys.exit("--read-in unedited: not with --source refused (the refused prompts are known after the edit)")
     if not (args.edited / "config.json").is_file():
         sys.exit(f"--edited: {args.edited} is not an exported model folder (no config.json)")
+    check_edits(edits, json.loads((args.edited / "config.json").read_text())["num_hidden_layers"])
     cache = ROOT / "benchmarks" / ".cache"
     settings = load_settings(None, {"model": str(fetch_qwen(ROOT / "models"))})
     sets = load_all_prompts(settings)
@@ -199,12 +240,7 @@ def main() -> None:
     gaps = residuals[0].double().mean(0) - residuals[1].double().mean(0)  # (layers, d), for "add"
     original = saved_weights(edited)
     for edit in edits:
-        handle = None
-        if edit[0] == "add":
-            apply(edited, original, {}, None, 1.0)
-            handle = addition_hook(edited, edit[1], (-float(edit[2]) * gaps[edit[1]]).float())
-        else:
-            apply(edited, original, *ablation_plan(edit, directions))
+        handle = apply_edit(edited, original, edit, directions, gaps)
         try:
             rows.append({"edit": edit, **measure()})
         finally:

@@ -2,6 +2,7 @@
 residual stream with no component along the ablated directions, the per-layer edit touches only
 its layers, and every edit starts again from the chosen edit's weights."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,24 @@ def test_activation_addition_shifts_that_layer_and_only_later_ones_and_comes_off
     torch.testing.assert_close(during[:, 1], before[:, 1] + shift)  # every prompt moved by the same vector
     assert not torch.allclose(during[:, 2], before[:, 2] + shift, atol=1e-4)  # later layers read the shift
     torch.testing.assert_close(collect_residuals(loaded, PROMPTS, None, 8), before)
+
+
+@pytest.mark.parametrize(("edits", "message"), [
+    ('{"one": 4}', "a JSON list of edits"),
+    ([4], "4 is not an edit"),
+    ([["twice", 1]], "unknown edit .twice. \\(own, one, span, writes, add\\)"),
+    ([["add", 4]], 'expected \\["add", layer, a\\]'),
+    ([["own", 0.5, 9]], 'expected \\["own", w, first, last\\]'),
+    ([["one", 24, 0.5]], "layers are whole numbers from 0 to 23"),
+    ([["span", [2, 4.5]]], "layers are whole numbers"),
+    ([["one", 4, 0.5], ["own", 0.5, 9, 30]], "layers are whole numbers from 0 to 23"),
+])  # fmt: skip
+def test_a_bad_edit_is_named_before_anything_loads(ablation, edits, message):
+    with pytest.raises(SystemExit, match=f"--edits: .*{message}"):
+        ablation.check_edits(edits, 24)
+
+
+def test_good_edits_and_the_default_ones_pass_the_check(ablation):
+    ablation.check_edits([["own", 0.5, 9, 13], ["one", 8], ["span", [4, 8], 0.5], ["writes", 4, 1], ["add", 23, 0.5]],
+                         24)  # fmt: skip
+    ablation.check_edits(json.loads(ablation.DEFAULT_EDITS), 24)
