@@ -13,6 +13,7 @@ from .detectors import Detector
 from .directions import RefusalGeometry, collect_residuals, measure, winsorize
 from .errors import HereticError
 from .evaluation import refusal_count
+from .files import write_atomically
 from .model import LoadedModel, chat_texts
 from .prompts import CONFIG_NAMES, PromptSets
 from .store import directions_path
@@ -124,10 +125,6 @@ def compute_geometry(options: GeometryOptions, loaded: LoadedModel, prompts: Pro
     geometry = cached_geometry(options, loaded.num_layers)
     if geometry is None:
         geometry = measure_geometry(options, loaded, prompts, batch_size, response_prefix, prompt_filter)
-        path = options.cache
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"fingerprint": options.fingerprint, "version": GEOMETRY_VERSION,
-                    "geometry": geometry.to_dict()}, tmp)  # fmt: skip
-        tmp.replace(path)
+        saved = {"fingerprint": options.fingerprint, "version": GEOMETRY_VERSION, "geometry": geometry.to_dict()}
+        write_atomically(options.cache, lambda tmp: torch.save(saved, tmp))
     return geometry

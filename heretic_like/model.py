@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import shutil
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from torch import nn
 
 from .config import COMPONENTS, Settings
 from .errors import HereticError
+from .files import fill_directory_once
 
 SUPPORTED = "llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3, phi3, olmo2, granite, mixtral, qwen2_moe, qwen3_moe"
 CONVERSION_VERSION = 2  # 2: lm_head re-tied to the embeddings when identical
@@ -262,12 +262,13 @@ def _convert_gguf(settings: Settings, directory: Path, name: str, cache: Path) -
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     retie_embeddings(model)
-    tmp = cache.with_name(cache.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "heretic_like_source.json").write_text(json.dumps({"gguf": str((directory / name).resolve())}))
-    tmp.rename(cache)
+
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "heretic_like_source.json").write_text(json.dumps({"gguf": str((directory / name).resolve())}))
+
+    fill_directory_once(cache, fill)
 
 
 def load_model(settings: Settings) -> LoadedModel:

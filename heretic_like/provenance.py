@@ -19,6 +19,7 @@ import optuna
 from . import __version__
 from .config import Settings
 from .errors import HereticError
+from .files import write_atomically
 from .records import StudyRecord
 
 RECORD_VERSION = 1
@@ -76,12 +77,8 @@ def build_record(study: optuna.Study, settings: Settings, number: int, card: str
 
 
 def write_record(record: dict, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-    return path
+    text = json.dumps(record, indent=2, ensure_ascii=False) + "\n"
+    return write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def read_record(path: str | Path) -> dict:

@@ -558,12 +558,19 @@ def test_two_workers_creating_one_study_with_other_settings_at_once(tiny_llama, 
     """Creating the study is atomic (its name is unique): exactly one of two racing workers wins,
     the other is refused, whatever the timing."""
     config = study_config(tmp_path, tiny_llama)
-    code = ("import sys, time\nfrom heretic_like.config import load_settings\n"
+    # each worker stays alive (its stamper running) until both have answered: a winner that had
+    # already exited would leave an unmeasured study the loser may rightly adopt (the test above),
+    # which a fixed sleep allowed when one interpreter started seconds after the other on a busy CI
+    code = ("import sys\nfrom heretic_like.config import load_settings\n"
             "from heretic_like.errors import HereticError\nfrom heretic_like.store import open_study\n"
             f"settings = load_settings({str(config)!r}, {{'max_response_length': int(sys.argv[1])}})\n"
             "try:\n    open_study(settings)\n    print('ok', flush=True)\nexcept HereticError:\n"
-            "    print('refused', flush=True)\ntime.sleep(4)\n")  # fmt: skip
-    workers = [subprocess.Popen([sys.executable, "-c", code, str(n)], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
-                                text=True) for n in (7, 9)]  # fmt: skip
-    answers = sorted(w.communicate(timeout=120)[0].strip() for w in workers)
+            "    print('refused', flush=True)\nsys.stdin.read()\n")  # fmt: skip
+    workers = [subprocess.Popen([sys.executable, "-c", code, str(n)], cwd=tmp_path, env=_env(), stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True) for n in (7, 9)]  # fmt: skip
+    try:
+        answers = sorted(w.stdout.readline().strip() for w in workers)
+    finally:
+        for w in workers:
+            w.communicate(timeout=120)  # closes its stdin: it exits
     assert answers == ["ok", "refused"]
