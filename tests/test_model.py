@@ -98,6 +98,7 @@ def test_real_gguf_loads_via_cache(tmp_path):
     loaded = load_model(settings)
     assert loaded.num_layers == 24 and loaded.tokenizer.chat_template
     assert any((tmp_path / "cache" / "converted").iterdir())
+    assert not list((tmp_path / "cache" / "converted").glob(".*.tmp"))  # nothing left half-written
 
 
 def test_retie_embeddings_only_when_identical(tmp_path):
