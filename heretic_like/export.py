@@ -6,7 +6,6 @@ failed export never leaves a half-written model where the user expects one.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -18,32 +17,11 @@ from .backends import LoraBackend
 from .card import model_card
 from .config import Settings
 from .errors import HereticError
+from .files import replace_directory
 from .provenance import build_record, weight_hashes, write_record
 from .records import trial_edit
 from .store import study_file
 from .study import study_abliterator
-
-
-def _write_atomically(out_dir: str | Path, write) -> Path:
-    """Call `write(tmp_folder)`, then move the folder into place (replacing an older export)."""
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(out)
-    return out
 
 
 def save_merged(abliterator: Abliterator, edit: Edit, out_dir: str | Path, card: str,
@@ -60,7 +38,7 @@ def save_merged(abliterator: Abliterator, edit: Edit, out_dir: str | Path, card:
         if finish:
             finish(tmp)
 
-    return _write_atomically(out_dir, write)
+    return replace_directory(out_dir, write)
 
 
 def save_adapter(abliterator: Abliterator, edit: Edit, out_dir: str | Path, card: str,
@@ -87,7 +65,7 @@ def save_adapter(abliterator: Abliterator, edit: Edit, out_dir: str | Path, card
         if finish:
             finish(tmp)
 
-    return _write_atomically(out_dir, write)
+    return replace_directory(out_dir, write)
 
 
 def default_export_dir(settings: Settings, trial_number: int) -> Path:

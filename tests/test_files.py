@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from heretic_like.files import fill_directory_once, write_atomically
+from heretic_like.files import fill_directory_once, replace_directory, write_atomically
 
 
 def _racing(place, content, path, writers=2):
@@ -36,6 +36,11 @@ def _write_file(tmp, n):
 
 def _fill_folder(tmp, n):
     (tmp / "weights").write_text(f"worker {n}\n")
+
+
+def _new_folder(tmp, n):
+    tmp.mkdir()  # as save_pretrained does
+    _fill_folder(tmp, n)
 
 
 def test_two_writers_at_once_both_succeed_and_one_whole_file_wins(tmp_path):
@@ -81,3 +86,35 @@ def test_a_failed_fill_raises_and_leaves_no_folder(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         fill_directory_once(tmp_path / "cache", broken)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_export_replaces_the_older_one_and_leaves_nothing_beside_it(tmp_path):
+    path = tmp_path / "exported"
+    replace_directory(path, lambda tmp: _new_folder(tmp, 0))
+    (path / "stale-shard").write_text("from an older export")
+    replace_directory(path, lambda tmp: _new_folder(tmp, 1))
+    assert sorted(p.name for p in path.iterdir()) == ["weights"] and (path / "weights").read_text() == "worker 1\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["exported"]
+
+
+def test_a_failed_export_keeps_the_older_one(tmp_path):
+    path = tmp_path / "exported"
+    replace_directory(path, lambda tmp: _new_folder(tmp, 0))
+
+    def broken(tmp):
+        _new_folder(tmp, 1)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        replace_directory(path, broken)
+    assert (path / "weights").read_text() == "worker 0\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["exported"]
+
+
+def test_two_exports_at_once_both_succeed_and_one_whole_folder_stays(tmp_path):
+    path = tmp_path / "exported"
+    replace_directory(path, lambda tmp: _new_folder(tmp, 9))  # an older export to move aside
+    assert _racing(replace_directory, _new_folder, path) == []
+    assert sorted(p.name for p in path.iterdir()) == ["weights"]
+    assert (path / "weights").read_text() in {"worker 0\n", "worker 1\n"}
+    assert [p.name for p in tmp_path.iterdir()] == ["exported"]

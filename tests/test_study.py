@@ -138,7 +138,7 @@ def test_full_study_reduces_refusals_and_exports_identical_model(refusing_model,
     assert torch.allclose(merged_logits, lora_logits, atol=1e-4)
     card = (target / "README.md").read_text()
     assert f"trial {number}" in card and "refusals" in card and "direction_index" in card
-    assert not list(tmp_path.glob("*.partial"))
+    assert sorted(p.name for p in tmp_path.glob(".exported*")) == []  # no temporary or moved-aside folder left
 
 
 def test_cli_run_resume_and_changed_settings_refused(tiny_llama, tmp_path, capsys):
