@@ -209,7 +209,10 @@ def summary_markdown(summary: dict) -> str:
                   f"| judge vs markers: agreement, kappa | {judged['base']['agreement']}, {judged['base']['kappa']} | "
                   f"{judged['best_trial']['agreement']}, {judged['best_trial']['kappa']} |"]  # fmt: skip
     lines += [f"| over-refusal, {over['prompts']} benign-edgy | {over['base']} | {over['best_trial']} |",
-              f"| KL divergence | 0 | {best['kl_divergence']:.4f} |", "",
+              f"| KL divergence | 0 | {best['kl_divergence']:.4f} |"]
+    if best.get("kl_divergence_exported") is not None:
+        lines.append(f"| KL divergence, exported weights | 0 | {best['kl_divergence_exported']:.4f} |")
+    lines += ["",
               f"Trial {best['trial']} of {summary['n_trials']} ({summary['n_pruned']} pruned, "
               f"{summary['n_screened']} screened), batch size {summary['batch_size']}; proxy rank correlation "
               f"{summary['proxy_rank_correlation']}.", "",
@@ -350,6 +353,8 @@ def main() -> None:
             "heldout_refusals": rows["best_trial"]["heldout_refusals"],
             "heldout_refusals_long": rows["best_trial"]["heldout_refusals_long"],
             "kl_divergence": frozen.kl_divergence,
+            # the exported weights' own KL where the trials scored an approximation (row_normalization "full")
+            "kl_divergence_exported": record.exported_kl(trial),
         },
         "overrefusal": {"prompts": len(edgy), "base": rows["base"]["overrefusal"],
                         "best_trial": rows["best_trial"]["overrefusal"]},  # fmt: skip

@@ -7,7 +7,7 @@ import time
 
 from .config import Settings
 from .dashboard import attach_plots
-from .export import export_trial
+from .export import KLReference, export_trial
 from .provenance import build_record, write_record
 from .records import StudyRecord
 from .results import ExportRule, choose_best, pick_trial
@@ -45,7 +45,8 @@ def run_and_export(settings: Settings, interactive: bool) -> None:
         capability = evaluate_trial(run, settings, number)
         timings["capability"] = time.perf_counter() - started
     started = time.perf_counter()
-    out = export_trial(run.study, settings, number, None, run.abliterator)
+    reference = KLReference(run.evaluator.harmless, run.evaluator.base_logprobs, run.evaluator.batch_size)
+    out = export_trial(run.study, settings, number, None, run.abliterator, reference)
     timings["export"] = time.perf_counter() - started
     # the chosen trial's plots, where `python -m heretic_like dashboard` shows them
     attach_plots(run.study, settings.resolved_storage(), settings.study_checkpoint_dir, number)
@@ -55,6 +56,7 @@ def run_and_export(settings: Settings, interactive: bool) -> None:
     print(summary_block(RunSummary(
         trial=number, reason=choice.reason, refusals=int(trial.refusals),
         harmful=len(run.evaluator.harmful), base_refusals=int(record.base_refusals),
-        kl_divergence=float(trial.kl_divergence), long=long, capability=capability,
+        kl_divergence=float(trial.kl_divergence), exported_kl=record.exported_kl(number), long=long,
+        capability=capability,
         export_dir=out, study_path=settings.resolved_storage(), timings=timings,
     )))  # fmt: skip

@@ -163,6 +163,14 @@ class StudyRecord:
     def set_long_refusals(self, number: int, length: int, count: int) -> None:
         self._set("long_refusals", {**self._get("long_refusals", {}), f"{number}@{length}": count})
 
+    def exported_kl(self, number: int) -> float | None:
+        """First-token KL of trial `number`'s exported weights, where they are not what its trials
+        scored (row_normalization "full": trials carry a low-rank approximation, export is exact)."""
+        return self._get("exported_kl", {}).get(str(number))
+
+    def set_exported_kl(self, number: int, kl: float) -> None:
+        self._set("exported_kl", {**self._get("exported_kl", {}), str(number): kl})
+
     def front_recount(self, number: int, length: int | None = None) -> int | None:
         """Trial `number`'s refusals counted again with long responses once it was on the final
         Pareto front (`study.recount_front`); `length`: the length asked for (default: the one

@@ -13,7 +13,7 @@ from pathlib import Path
 from .ablation import Abliterator, Edit, EditOptions
 from .detectors import build_detector
 from .errors import HereticError
-from .export import save_adapter, save_merged
+from .export import merged_weights, save_adapter, save_merged
 from .geometry import GeometryOptions, PromptFilter, measure_geometry
 from .model import load_model, matches_fingerprint
 from .prompts import load_all_prompts
@@ -63,7 +63,7 @@ def reproduce(path: str | Path, out_dir: str | Path | None = None, overrides: di
     if settings.export_strategy == "adapter":
         save_adapter(abliterator, edit, out, card)
     else:
-        save_merged(abliterator, edit, out, card, settings.max_shard_size)
+        save_merged(abliterator, merged_weights(abliterator, edit), out, card, settings.max_shard_size)
     hashes, expected = weight_hashes(out), record.get("weights_sha256") or {}
     if not expected:
         print("The record holds no weight hashes (the trial was not exported): nothing to compare")

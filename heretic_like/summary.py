@@ -22,6 +22,7 @@ class RunSummary:
     export_dir: Path | None
     study_path: str
     timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds, this run
+    exported_kl: float | None = None  # the exported weights' own KL, where the trial scored an approximation
 
 
 def summary_block(s: RunSummary) -> str:
@@ -32,6 +33,9 @@ def summary_block(s: RunSummary) -> str:
     if s.long is not None:
         lines.append(f"             {s.long['refusals_long']}/{s.harmful} with {s.long['length']}-token responses")
     lines.append(f"  KL         {s.kl_divergence:.4f} (first response token, harmless prompts)")
+    if s.exported_kl is not None:
+        lines.append(f"             {s.exported_kl:.4f} with the exported weights (the trial scored a low-rank "
+                     "approximation of them)")  # fmt: skip
     if s.capability is not None and not s.capability.empty:
         deltas = ", ".join(f"{row.metric} {row.delta:+.3f}" for row in s.capability.itertuples(index=False))
         lines.append(f"  capability {deltas} (edited - unedited)")

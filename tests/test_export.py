@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import pytest
 import torch
 
 from heretic_like.cli import main
@@ -112,3 +113,61 @@ def test_base_model_and_licence_from_gguf_metadata(tmp_path):
     assert base_model_facts(load_settings(None, {"model": "example-org/chat-1b"}))[0] == "example-org/chat-1b"
     bare = load_settings(None, {"model": str(tmp_path / "nothing.gguf")})
     assert base_model_facts(bare) == (None, None) and "base_model" not in hub_metadata(bare)
+
+
+def _kl_of_folder(folder: Path, settings) -> float:
+    """First-token KL of a saved model folder from the unedited one, measured from scratch."""
+    from heretic_like.evaluation import kl_divergence
+    from heretic_like.generation import first_token_logprobs
+    from heretic_like.model import load_model
+    from heretic_like.prompts import load_all_prompts
+
+    prompts = load_all_prompts(settings)
+    texts = chat_texts(load_model(settings).tokenizer, prompts.harmless_eval, prompts.system("harmless_eval"))
+    base = first_token_logprobs(load_model(settings), texts, 8)
+    edited = first_token_logprobs(load_model(settings.model_copy(update={"model": str(folder)})), texts, 8)
+    return kl_divergence(base, edited)
+
+
+def test_a_norm_preserving_export_reports_the_kl_of_its_own_weights(tiny_llama, tmp_path, capsys):
+    """Trials score a rank-1 approximation of the "full" edit; the export writes it exactly. The
+    card and the summary must give the exported weights' own KL, measured as the study measures."""
+    from heretic_like.config import load_settings
+    from heretic_like.records import StudyRecord
+    from heretic_like.store import load_existing_study
+
+    config = study_config(tmp_path, tiny_llama, n_trials=1, export_trial=0, row_normalization='"full"',
+                          full_normalization_lora_rank=1)
+    assert main(["--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    (journal,) = (tmp_path / "checkpoints").glob("*.journal")
+    study = load_existing_study(str(journal), None)
+    record, trial_kl = StudyRecord(study), study.trials[0].user_attrs["kl_divergence"]
+    exported = record.exported_kl(0)
+    (folder,) = (tmp_path / "checkpoints").glob("*-trial0")
+    measured = _kl_of_folder(folder, load_settings(str(config)))
+    assert exported == pytest.approx(measured, rel=1e-3, abs=1e-7)
+    assert abs(exported - trial_kl) > 1e-4 * max(trial_kl, 1e-9)  # rank 1 is not the exact edit
+    assert f"{exported:.4f} with the exported weights" in out
+    card = (folder / "README.md").read_text()
+    assert f"| {exported:.4f} | 0 (by definition) |" in card and "(rank-1 approximation) | " in card
+    # the export command, in a fresh process with no run at hand, measures the same figure
+    again = tmp_path / "again"
+    assert main(["export", "--study", str(journal), "--trial", "0", "--out", str(again)]) == 0
+    study = load_existing_study(str(journal), None)
+    assert StudyRecord(study).exported_kl(0) == pytest.approx(exported, rel=1e-3, abs=1e-8)
+
+
+def test_an_exact_edit_is_not_measured_again(tiny_llama, tmp_path, capsys):
+    """With row_normalization "none" the trial scored the exported weights themselves."""
+    from heretic_like.records import StudyRecord
+    from heretic_like.store import load_existing_study
+
+    config = study_config(tmp_path, tiny_llama, n_trials=1, export_trial=0)
+    assert main(["--config", str(config)]) == 0
+    assert "with the exported weights" not in capsys.readouterr().out
+    (journal,) = (tmp_path / "checkpoints").glob("*.journal")
+    study = load_existing_study(str(journal), None)
+    assert StudyRecord(study).exported_kl(0) is None
+    (folder,) = (tmp_path / "checkpoints").glob("*-trial0")
+    assert "approximation" not in (folder / "README.md").read_text()

@@ -42,13 +42,14 @@ def test_summary_block_says_what_was_chosen_measured_and_written(tmp_path):
     capability = pd.DataFrame({"metric": ["multiple choice"], "base": [0.5], "edited": [0.48], "delta": [-0.02]})
     full = summary_block(RunSummary(7, "the knee", 2, 64, 20, 0.0171, {"refusals_long": 3, "length": 256},
                                     capability, tmp_path / "out", "checkpoints/x.journal",
-                                    {"load": 3.04, "trials": 1800.2}))  # fmt: skip
+                                    {"load": 3.04, "trials": 1800.2}, exported_kl=0.0189))  # fmt: skip
     assert "Chosen trial 7: the knee" in full and "2/64 in the study's short responses (unedited model: 20/64)" in full
     assert "3/64 with 256-token responses" in full and "multiple choice -0.020" in full and "0.0171" in full
-    assert "time       load 3 s, trials 1800 s" in full
+    assert "time       load 3 s, trials 1800 s" in full and "0.0189 with the exported weights" in full
     assert f"evaluate --compare {tmp_path / 'out'}" in full and "chat --study checkpoints/x.journal --trial 7" in full
     bare = summary_block(RunSummary(7, "r", 2, 64, 20, 0.01, None, None, None, "s.journal"))
     assert "256-token" not in bare and "capability" not in bare and "evaluate --compare" not in bare
+    assert "exported weights" not in bare
 
 
 def test_kl_axis_is_readable_within_one_decade_and_across_several():
