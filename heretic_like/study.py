@@ -395,5 +395,9 @@ def study_abliterator(study: optuna.Study, settings: Settings, components: list[
     if geometry is None:
         prefix = resolve_response_prefix(settings, study)
         batch = record.directions_batch(settings.directions_batch_size or settings.batch_size or 8)
-        geometry = compute_geometry(options, loaded, load_all_prompts(settings), batch, prefix)
+        # from the filtered prompts, as the run: else an export without the cache writes another edit
+        scoring = record.batch_size or batch
+        prompt_filter = (PromptFilter(build_detector(settings, loaded, scoring, prefix), settings.max_response_length,
+                                      scoring) if settings.filter_direction_prompts else None)  # fmt: skip
+        geometry = compute_geometry(options, loaded, load_all_prompts(settings), batch, prefix, prompt_filter)
     return Abliterator(loaded, components, geometry, EditOptions.from_settings(settings))

@@ -154,3 +154,11 @@ def test_filtered_direction_prompts_are_filtered_again_when_reproduced(refusing_
     assert main(["reproduce", str(record_path), "--out", str(tmp_path / "again")]) == 0
     out = capsys.readouterr().out
     assert "Directions from 40 of 60 bad_prompts" in out and "bit-identical" in out
+    # an export on a machine without the study's directions cache filters them again too (it took
+    # all 60 prompts once, writing another edit and caching those directions for a resume)
+    (cache,) = (tmp_path / "checkpoints").glob("*.directions.pt")
+    cache.unlink()
+    (journal,) = (tmp_path / "checkpoints").glob("*.journal")
+    assert main(["export", "--study", str(journal), "--trial", "1", "--out", str(tmp_path / "elsewhere")]) == 0
+    assert "Directions from 40 of 60 bad_prompts" in capsys.readouterr().out
+    assert weight_hashes(tmp_path / "elsewhere") == weight_hashes(tmp_path / "export")
