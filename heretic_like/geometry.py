@@ -3,6 +3,7 @@ cached beside the study (keyed by the config fingerprint), tabled and plotted.""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +68,11 @@ class PromptFilter:
     detector: Detector
     response_length: int
     batch_size: int
+
+    @classmethod
+    def of(cls, settings: Settings, detector: Callable[[], Detector], batch_size: int) -> PromptFilter | None:
+        """The filter `filter_direction_prompts` asks for, or None (`detector` is built only then)."""
+        return cls(detector(), settings.max_response_length, batch_size) if settings.filter_direction_prompts else None
 
 
 # Which verdict each direction set keeps: harmful prompts the model refuses, harmless ones it answers.

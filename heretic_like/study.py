@@ -131,9 +131,7 @@ def prepare(settings: Settings, study: optuna.Study, prompts: PromptSets, timing
     timings["base_logprobs"] = time.perf_counter() - started
     started = time.perf_counter()
     options = GeometryOptions.from_settings(settings)
-    prompt_filter = None
-    if settings.filter_direction_prompts:
-        prompt_filter = PromptFilter(detector, settings.max_response_length, batch_size)
+    prompt_filter = PromptFilter.of(settings, lambda: detector, batch_size)
     geometry = compute_geometry(options, loaded, prompts, record.directions_batch(), prefix, prompt_filter)
     describe_geometry(settings, geometry)
     timings["directions"] = time.perf_counter() - started
@@ -395,9 +393,7 @@ def study_abliterator(study: optuna.Study, settings: Settings, components: list[
     if geometry is None:
         prefix = resolve_response_prefix(settings, study)
         batch = record.directions_batch(settings.directions_batch_size or settings.batch_size or 8)
-        # from the filtered prompts, as the run: else an export without the cache writes another edit
-        scoring = record.batch_size or batch
-        prompt_filter = (PromptFilter(build_detector(settings, loaded, scoring, prefix), settings.max_response_length,
-                                      scoring) if settings.filter_direction_prompts else None)  # fmt: skip
+        scoring = record.batch_size or batch  # filtered as the run did, or an export writes another edit
+        prompt_filter = PromptFilter.of(settings, lambda: build_detector(settings, loaded, scoring, prefix), scoring)
         geometry = compute_geometry(options, loaded, load_all_prompts(settings), batch, prefix, prompt_filter)
     return Abliterator(loaded, components, geometry, EditOptions.from_settings(settings))
