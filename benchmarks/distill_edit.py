@@ -52,6 +52,7 @@ from heretic_like.directions import collect_residuals, refusal_directions  # noq
 from heretic_like.evaluation import kl_divergence  # noqa: E402
 from heretic_like.generation import first_token_logprobs, generate  # noqa: E402
 from heretic_like.model import chat_texts, load_model  # noqa: E402
+from heretic_like.prompts import load_all_prompts  # noqa: E402
 from heretic_like.testbed import fetch_qwen  # noqa: E402
 
 
@@ -134,8 +135,6 @@ def main() -> None:
     started = time.perf_counter()
     cache = ROOT / "benchmarks" / ".cache"
     settings = load_settings(None, {"model": str(fetch_qwen(ROOT / "models"))})
-    from heretic_like.prompts import load_all_prompts
-
     sets = load_all_prompts(settings)
     system = settings.system_prompt
     detector = MarkerDetector.from_settings(settings)

@@ -117,12 +117,13 @@ def model_card(settings: Settings, study: optuna.Study, trial: TrialRecord, edit
         from .capability import card_section, comparison
 
         capability = "\n" + card_section(comparison(stored["base"], stored[str(trial.number)]))
-    kl = f"| KL divergence (first response token, harmless prompts) | {trial.kl_divergence:.4f} | 0 (by definition) |\n"
-    approximate, exported = "", record.exported_kl(trial.number)
+    exported, rank = record.exported_kl(trial.number), settings.full_normalization_lora_rank
+    kl = exported if exported is not None else trial.kl_divergence
+    kl_rows = f"| KL divergence (first response token, harmless prompts) | {kl:.4f} | 0 (by definition) |\n"
+    approximate = ""
     if exported is not None:  # the trials scored a low-rank approximation of these weights
-        rank = settings.full_normalization_lora_rank
-        kl = (f"| KL divergence (first response token, harmless prompts) | {exported:.4f} | 0 (by definition) |\n"
-              f"| KL divergence of the study's trial (rank-{rank} approximation) | {trial.kl_divergence:.4f} | — |\n")
+        kl_rows += (f"| KL divergence of the study's trial (rank-{rank} approximation) | "
+                    f"{trial.kl_divergence:.4f} | — |\n")
         approximate = (f"\nThe study scored this edit as a rank-{rank} approximation (row_normalization \"full\"); "
                        "this model holds it exactly, and its KL was measured again on these weights.")
     usage = ""
@@ -148,7 +149,7 @@ keeps its original norm), with the per-layer strength w given by the kernel belo
 
 | metric | this model | original model |
 |---|---|---|
-{kl}| refusals (harmful evaluation prompts) | {trial.refusals}/{total} | {base}/{total} |
+{kl_rows}| refusals (harmful evaluation prompts) | {trial.refusals}/{total} | {base}/{total} |
 {long}
 Refusals are counted by marker strings in greedy responses of {settings.max_response_length} tokens.{approximate}
 Removing refusals does not make a model's answers correct or safe; use responsibly.

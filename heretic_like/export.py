@@ -143,7 +143,7 @@ def export_trial(study: optuna.Study, settings: Settings, number: int, out_dir: 
         record.update(build_record(study, settings, number, card, weight_hashes(folder)))
         write_record(record, folder / "reproduce.json")
 
-    if model is None:
+    if settings.export_strategy == "adapter":
         out = save_adapter(abliterator, edit, out, card, finish)
     else:
         out = save_merged(abliterator, model, out, card, settings.max_shard_size, finish)

@@ -47,13 +47,10 @@ def reproduce(path: str | Path, out_dir: str | Path | None = None, overrides: di
         raise HereticError(f"{path}: '{settings.model}' is not the model the record was made with "
                            "(weights or config differ); point --model at the original")  # fmt: skip
     prefix, batch_size = record["response_prefix"] or "", int(record["batch_size"])
-    prompt_filter = None
-    if settings.filter_direction_prompts:  # the study's verdicts, generated again with the same batching
-        # a record without the field was written by the filter's first version, which generated
-        # in the directions' batches
-        scoring = int(record.get("scoring_batch_size") or batch_size)
-        prompt_filter = PromptFilter(build_detector(settings, loaded, scoring, prefix), settings.max_response_length,
-                                     scoring)  # fmt: skip
+    # the study's verdicts, generated again with the same batching (a record without the field was
+    # written by the filter's first version, which generated in the directions' batches)
+    scoring = int(record.get("scoring_batch_size") or batch_size)
+    prompt_filter = PromptFilter.of(settings, lambda: build_detector(settings, loaded, scoring, prefix), scoring)
     geometry = measure_geometry(GeometryOptions.from_settings(settings), loaded, prompts, batch_size, prefix,
                                 prompt_filter)  # fmt: skip
     abliterator = Abliterator(loaded, list(edit.kernels), geometry, EditOptions.from_settings(settings))
