@@ -69,7 +69,7 @@ def main() -> None:
     from heretic_like.config import load_settings, overrides_to_dict
     from heretic_like.detectors import MarkerDetector
     from heretic_like.evaluation import Evaluator
-    from heretic_like.geometry import GeometryOptions, compute_geometry
+    from heretic_like.geometry import GeometryOptions, PromptFilter, compute_geometry
     from heretic_like.model import load_model, model_fingerprint
     from heretic_like.prompts import load_all_prompts
     from heretic_like.search import sample_edit
@@ -84,8 +84,9 @@ def main() -> None:
     phase("fingerprint the weights", lambda: model_fingerprint(loaded.model))  # a study checks it on resume
     footprint = sum(p.numel() * p.element_size() for p in loaded.model.parameters()) / 2**30
     batch = settings.batch_size
+    prompt_filter = PromptFilter.of(settings, lambda: MarkerDetector.from_settings(settings), batch)  # as the run
     geometry = phase("directions", lambda: compute_geometry(GeometryOptions.from_settings(settings), loaded, prompts,
-                                                            settings.directions_batch_size or batch))
+                                                            settings.directions_batch_size or batch, "", prompt_filter))
     evaluator = phase("reference log-probs (KL forward)", lambda: Evaluator(
         loaded, prompts.harmful_eval, prompts.harmless_eval, settings.system_prompt,
         MarkerDetector.from_settings(settings), settings.max_response_length, batch,

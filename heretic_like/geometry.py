@@ -32,13 +32,14 @@ class GeometryOptions:
     position: int  # direction_position: the prompt token the residuals are read at, from the end
     cache: Path
     fingerprint: str
+    filtered: bool = False  # filter_direction_prompts: the directions come from the filtered prompts
 
     @classmethod
     def from_settings(cls, settings: Settings) -> GeometryOptions:
         return cls(settings.winsorization_quantile, settings.orthogonalize_direction,
                    settings.directions_per_layer, settings.direction_candidates, settings.direction_position,
-                   directions_path(settings),
-                   settings.study_fingerprint())  # fmt: skip
+                   directions_path(settings), settings.study_fingerprint(),
+                   settings.filter_direction_prompts)  # fmt: skip
 
 
 # Bumped when the measurement itself changes (2: the last layer read before the final norm), so
@@ -47,12 +48,17 @@ GEOMETRY_VERSION = 2
 
 
 def cached_geometry(options: GeometryOptions, num_layers: int) -> RefusalGeometry | None:
-    """The measurements saved by an earlier run of the same study, if they still apply."""
+    """The measurements saved by an earlier run of the same study, if they still apply.
+
+    A cache says whether its directions came from filtered prompts; one that does not say so is
+    not taken for a filtered study: `export` and `chat` of 2026-12-02 to 12-05 measured unfiltered
+    directions under a filtered study's key, and a resume would have edited along them."""
     if not options.cache.is_file():
         return None
     cached = torch.load(options.cache, weights_only=True)
     if (cached.get("fingerprint") != options.fingerprint or "geometry" not in cached
-            or cached.get("version", 1) != GEOMETRY_VERSION):  # fmt: skip
+            or cached.get("version", 1) != GEOMETRY_VERSION
+            or cached.get("filtered", False) != options.filtered):  # fmt: skip
         return None
     geometry = RefusalGeometry.from_dict(cached["geometry"])
     return geometry if geometry.num_layers == num_layers else None
@@ -128,9 +134,13 @@ def compute_geometry(options: GeometryOptions, loaded: LoadedModel, prompts: Pro
                      response_prefix: str = "",
                      prompt_filter: PromptFilter | None = None) -> RefusalGeometry:  # fmt: skip
     """Directions and layer metrics, cached beside the study (keyed by the config fingerprint)."""
+    if options.filtered != (prompt_filter is not None):  # the cache would file one kind under the other's key
+        raise ValueError(f"filter_direction_prompts = {options.filtered} but {'no' if options.filtered else 'a'} "
+                         "prompt filter was given")  # fmt: skip
     geometry = cached_geometry(options, loaded.num_layers)
     if geometry is None:
         geometry = measure_geometry(options, loaded, prompts, batch_size, response_prefix, prompt_filter)
-        saved = {"fingerprint": options.fingerprint, "version": GEOMETRY_VERSION, "geometry": geometry.to_dict()}
+        saved = {"fingerprint": options.fingerprint, "version": GEOMETRY_VERSION, "filtered": options.filtered,
+                 "geometry": geometry.to_dict()}  # fmt: skip
         write_atomically(options.cache, lambda tmp: torch.save(saved, tmp))
     return geometry
