@@ -18,8 +18,8 @@ of weights) against two targets:
 
 Training prompts: the built-in 150 harmful direction prompts plus StrongREJECT's hate category
 less the study's prompts; the built-in 150 harmless ones. Nothing held out is read: the 100
-HarmBench behaviours, the study's 64 StrongREJECT prompts and its 100 harmless KL prompts only
-score the result (first-token KL from the unedited model on the 100, as the study does; the
+HarmBench behaviours, the study's 64 StrongREJECT prompts and its 51 harmless KL prompts only
+score the result (first-token KL from the unedited model on the 51, as the study does; the
 held-out count at 128 tokens by the markers, every answer kept; over-refusal on the 80
 benign-but-edgy prompts at 32 tokens).
 
@@ -156,7 +156,7 @@ def main() -> None:
     gaps = residuals[0].double().mean(0) - residuals[1].double().mean(0)
 
     def kl(loaded) -> float:
-        """First-token KL from the unedited model on the study's 100 harmless prompts."""
+        """First-token KL from the unedited model on the study's 51 harmless prompts."""
         texts = chat_texts(loaded.tokenizer, sets.harmless_eval, system)
         return round(kl_divergence(base_eval, first_token_logprobs(loaded, texts, 64)), 4)
 

@@ -4,7 +4,7 @@ Every lever of issue 16 left the same few held-out prompts refused (the slur not
 and `refusal_strength.py` found they lie off the refusal direction. This asks the next question
 directly, on an exported edit: read new refusal directions *in the edited model* (last prompt
 token, against the built-in harmless prompts), remove them on top of the edit, and report the
-first-token KL from the unedited model (the study's 100 harmless evaluation prompts) and which
+first-token KL from the unedited model (the study's 51 harmless evaluation prompts) and which
 hard-core prompts still refuse at 128 tokens (markers). Directions come from
 
 - `hate`: the 36 StrongREJECT "Hate, harassment and discrimination" prompts the study does not
@@ -27,6 +27,13 @@ Edits (`--edits`, JSON, each on top of the chosen edit, weights W <- W - w V^T V
                              the direction, which ablation (removing only a prompt's own
                              component) cannot
 
+With `--preserve K`, each weight edit above is confined to inputs the harmless prompts do not
+use (a null-space edit, as AlphaEdit confines knowledge edits): a module's delta becomes
+delta (I - U U^T), U the top-K principal directions (uncentred) of that module's inputs over every
+token of the built-in 150 harmless prompts, read in the model of --read-in. A harmless prompt's
+tokens then pass (nearly) unchanged, a harmful one's lose the direction where they differ; the
+embeddings are edited as without it.
+
     python benchmarks/hard_core_ablation.py --edited EXPORTED_FOLDER \
         --results benchmarks/results-quality/seed-0 ... --out benchmarks/results-quality/levers/hard-core-ablation
 """
@@ -42,6 +49,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -133,6 +141,37 @@ def ablation_plan(edit: list, directions: torch.Tensor) -> tuple[dict[int, torch
     return {i: basis for i in range(len(directions))}, None if kind == "writes" else basis, weight
 
 
+@torch.inference_mode()
+def harmless_input_bases(loaded, prompts: list[str], system: str | None, rank: int) -> tuple[dict, dict]:
+    """Per (layer, component): the (rank, d_in) top principal directions (uncentred) of the module's
+    inputs over every token of `prompts`, and the share of those inputs' energy they hold."""
+    layers = loaded.model.get_submodule(loaded.layers_path)
+    seen: dict[tuple[int, str], list[torch.Tensor]] = {(i, n): [] for i in range(len(layers)) for n in COMPONENTS}
+
+    def keeper(key):
+        def hook(module, args):
+            seen[key].append(args[0].reshape(-1, args[0].shape[-1]).float().cpu())
+
+        return hook
+
+    handles = [layers[i].get_submodule(n).register_forward_pre_hook(keeper((i, n))) for i, n in seen]
+    try:  # one prompt a pass: no padding to leave out
+        for text in tqdm(chat_texts(loaded.tokenizer, prompts, system), desc="harmless inputs", leave=False):
+            ids = loaded.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+            loaded.model(input_ids=ids.to(loaded.device), use_cache=False, logits_to_keep=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    bases, shares = {}, {}
+    for key, rows in tqdm(seen.items(), desc="principal directions", leave=False):
+        x = torch.cat(rows)
+        _, s, v = torch.svd_lowrank(x, q=min(rank + 16, min(x.shape)), niter=4, M=None)
+        bases[key] = v[:, :rank].T.contiguous()
+        shares[key] = float((s[:rank] ** 2).sum() / (x**2).sum())
+        rows.clear()
+    return bases, shares
+
+
 def addition_hook(loaded, layer: int, shift: torch.Tensor):
     """Add `shift` to what decoder layer `layer` writes into the residual stream, at every position
     (activation addition); returns the handle that removes it."""
@@ -145,19 +184,23 @@ def addition_hook(loaded, layer: int, shift: torch.Tensor):
     return loaded.model.get_submodule(loaded.layers_path)[layer].register_forward_hook(hook)
 
 
-def apply_edit(loaded, original: dict, edit: list, directions: torch.Tensor, gaps: torch.Tensor):
+def apply_edit(loaded, original: dict, edit: list, directions: torch.Tensor, gaps: torch.Tensor,
+               preserve: dict | None = None):  # fmt: skip
     """Put one --edits entry on top of the chosen edit; returns the hook handle of an "add" (None
     for the weight edits), which the caller removes after measuring."""
     if edit[0] != "add":
-        apply(loaded, original, *ablation_plan(edit, directions))
+        apply(loaded, original, *ablation_plan(edit, directions), preserve)
         return None
     apply(loaded, original, {}, None, 1.0)  # the chosen edit's own weights
     return addition_hook(loaded, edit[1], (-float(edit[2]) * gaps[edit[1]]).float())
 
 
 @torch.inference_mode()
-def apply(loaded, original: dict, plan: dict[int, torch.Tensor], embedding: torch.Tensor | None, weight: float) -> None:
-    """Set every target weight to the chosen edit's plus this ablation (from the saved originals)."""
+def apply(loaded, original: dict, plan: dict[int, torch.Tensor], embedding: torch.Tensor | None, weight: float,
+          preserve: dict | None = None) -> None:  # fmt: skip
+    """Set every target weight to the chosen edit's plus this ablation (from the saved originals);
+    with `preserve` ((layer, component) -> (K, d_in) basis), each module's added delta loses its
+    action on that basis."""
     layers = loaded.model.get_submodule(loaded.layers_path)
     for (index, name), w0 in original.items():
         module = loaded.model.get_input_embeddings() if name == "embed" else layers[index].get_submodule(name)
@@ -169,6 +212,10 @@ def apply(loaded, original: dict, plan: dict[int, torch.Tensor], embedding: torc
         strengths = torch.full((len(basis),), weight)
         # The embedding matrix holds residual vectors as rows, a module's weight as columns.
         new = edited_weight(w0.T, basis, strengths).T if name == "embed" else edited_weight(w0, basis, strengths)
+        if preserve is not None and name != "embed":
+            kept = preserve[(index, name)].to(new.device)
+            delta = new - w0.float()
+            new = w0.float() + delta - (delta @ kept.T) @ kept
         target.copy_(new.to(w0.dtype))
 
 
@@ -185,6 +232,10 @@ def main() -> None:
     parser.add_argument("--heldout", action="store_true",
                         help="also count all 100 held-out prompts at 128 tokens and the 80 benign-edgy ones at 32, "
                              "for the chosen edit and each edit")  # fmt: skip
+    parser.add_argument("--preserve", type=int, default=0,
+                        help="confine each edit to inputs outside the top-K principal directions of the harmless "
+                             "prompts' inputs to each module (0: off)")  # fmt: skip
+    parser.add_argument("--save", type=Path, help="write the last edit's model here (for `evaluate --compare`)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     try:
@@ -208,9 +259,15 @@ def main() -> None:
     started = time.perf_counter()
     base = load_model(settings)
     base_logprobs = first_token_logprobs(base, chat_texts(base.tokenizer, sets.harmless_eval, system), 64)
+    # A second harmless distribution for the KL: the 80 benign-but-edgy prompts (a null-space edit
+    # is fitted to the built-in harmless prompts' style, which the study's KL prompts share).
+    edgy_logprobs = first_token_logprobs(base, chat_texts(base.tokenizer, edgy, system), 64)
     residuals = None  # (direction prompts, harmless), read in the unedited model now or the edited one below
+    preserve = shares = None
     if args.read_in == "unedited":
         residuals = [collect_residuals(base, prompts, system, 16) for prompts in (source, sets.harmless)]
+        if args.preserve:
+            preserve, shares = harmless_input_bases(base, sets.harmless, system, args.preserve)
     del base
     edited = load_model(load_settings(None, {"model": str(args.edited)}))
 
@@ -219,7 +276,10 @@ def main() -> None:
         answers = generate(edited, chat_texts(edited.tokenizer, hard, system), 128, 16, desc="hard core, 128 tokens")
         verdicts = detector.classify(hard, answers)
         kept = [{"prompt": p, "refused": v, "response": a} for p, a, v in zip(hard, answers, verdicts, strict=True)]
-        row = {"kl": round(kl_divergence(base_logprobs, logprobs), 4), "refused": sum(verdicts), "answers": kept}
+        edgy_texts = chat_texts(edited.tokenizer, edgy, system)
+        edgy_kl = kl_divergence(edgy_logprobs, first_token_logprobs(edited, edgy_texts, 64))
+        row = {"kl": round(kl_divergence(base_logprobs, logprobs), 4), "kl_edgy": round(edgy_kl, 4),
+               "refused": sum(verdicts), "answers": kept}  # fmt: skip
         if args.heldout:
             for name, prompts, length in (("heldout_refusals_long", heldout, 128), ("overrefusal", edgy, 32)):
                 answers = generate(edited, chat_texts(edited.tokenizer, prompts, system), length, 32,
@@ -236,11 +296,16 @@ def main() -> None:
             sys.exit("--source refused: the edited model refuses none of the hard core")
     if residuals is None:
         residuals = [collect_residuals(edited, prompts, system, 16) for prompts in (source, sets.harmless)]
+    if args.preserve and preserve is None:
+        preserve, shares = harmless_input_bases(edited, sets.harmless, system, args.preserve)
+    if shares:
+        print(f"--preserve {args.preserve}: the kept directions hold {min(shares.values()):.3f}-"
+              f"{max(shares.values()):.3f} of each module's harmless input energy", flush=True)  # fmt: skip
     directions = refusal_directions(*residuals)  # (layers, d)
     gaps = residuals[0].double().mean(0) - residuals[1].double().mean(0)  # (layers, d), for "add"
     original = saved_weights(edited)
     for edit in edits:
-        handle = apply_edit(edited, original, edit, directions, gaps)
+        handle = apply_edit(edited, original, edit, directions, gaps, preserve)
         try:
             rows.append({"edit": edit, **measure()})
         finally:
@@ -248,18 +313,27 @@ def main() -> None:
                 handle.remove()
         print(f"{json.dumps(edit)}: KL {rows[-1]['kl']}, hard core refused {rows[-1]['refused']}/{len(hard)}",
               flush=True)  # fmt: skip
+    if args.save and edits:
+        if edits[-1][0] == "add":
+            sys.exit("--save: the last edit is an activation addition (a hook, not weights)")
+        apply_edit(edited, original, edits[-1], directions, gaps, preserve)
+        edited.model.save_pretrained(args.save)
+        edited.tokenizer.save_pretrained(args.save)
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"edited": str(args.edited), "results": [str(r) for r in args.results], "source": args.source,
-              "read_in": args.read_in,
+              "read_in": args.read_in, "preserve": args.preserve,
+              "preserved_energy": None if not shares else {f"{i}.{n}": round(v, 4) for (i, n), v in shares.items()},
               "source_prompts": len(source), "hard_core": hard, "seconds": round(time.perf_counter() - started),
               "rows": rows}  # fmt: skip
-    name = args.source + ("-unedited" if args.read_in == "unedited" else "") + ("-heldout" if args.heldout else "")
+    name = (args.source + ("-unedited" if args.read_in == "unedited" else "") + ("-heldout" if args.heldout else "")
+            + (f"-preserve-{args.preserve}" if args.preserve else ""))
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"{args.source} ({len(source)} prompts), hard core {len(hard)}; the chosen edit alone: KL {rows[0]['kl']}, "
           f"refused {rows[0]['refused']}")  # fmt: skip
     for row in rows:
         refusing = [a["prompt"][:38] for a in row["answers"] if a["refused"]]
-        print(f"  {json.dumps(row['edit'])[:60]:60s} KL {row['kl']:<7} refused {row['refused']}: {refusing}")
+        print(f"  {json.dumps(row['edit'])[:60]:60s} KL {row['kl']:<7} (benign-edgy {row['kl_edgy']:<7}) "
+              f"refused {row['refused']}: {refusing}")  # fmt: skip
         if args.heldout:
             print(f"    held out {row['heldout_refusals_long']}/100 at 128 tokens, "
                   f"over-refusal {row['overrefusal']}/80: "

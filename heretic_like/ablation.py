@@ -172,13 +172,18 @@ class Abliterator:
     "hooks" mode), fused MoE expert weights edited in place, every expert, none skipped."""
 
     def __init__(self, loaded: LoadedModel, components: list[str], geometry: RefusalGeometry,
-                 options: EditOptions | None = None):  # fmt: skip
+                 options: EditOptions | None = None,
+                 kept: dict[tuple[str, int], torch.Tensor] | None = None):  # fmt: skip
+        """`kept`: per (component, layer), the inputs each edit leaves alone (`preservation`)."""
         self.loaded = loaded
         self.components = list(components)
         self.geometry = geometry
         self.options = options or EditOptions()
+        self.kept = kept or {}
         if self.options.mode == "hooks" and self.options.row_normalization != "none":
             raise ValueError("edit_mode = 'hooks' projects module outputs: it needs row_normalization = 'none'")
+        if self.options.mode == "hooks" and self.kept:
+            raise ValueError("edit_mode = 'hooks' cannot confine edits: it needs preserved_input_rank = 0")
         for warning in loaded.target_warnings(self.components):
             print(f"WARNING: {warning}", file=sys.stderr)
         full = self.options.row_normalization == "full"
@@ -258,7 +263,7 @@ class Abliterator:
             if entry is None:
                 continue
             stats.modules[target.component] += target.count
-            self.backend(target).set(target, *entry, stats)
+            self.backend(target).set(target, *entry, stats, self.kept.get((target.component, target.layer)))
         self.current = edit
         self.stats = stats
         return stats
@@ -282,6 +287,7 @@ class Abliterator:
             entry = plan[target.component][target.layer]
             if entry is None or target.fused:
                 continue
-            exact = edited_weight(target.weight, *entry, self.options.row_normalization)
+            exact = edited_weight(target.weight, *entry, self.options.row_normalization,
+                                  self.kept.get((target.component, target.layer)))  # fmt: skip
             target.weight.copy_(exact.to(target.weight.dtype))
         return model

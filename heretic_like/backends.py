@@ -32,7 +32,8 @@ class Approximation(Protocol):
 class EditBackend(Protocol):
     def clear(self) -> None: ...
 
-    def set(self, target: Target, basis: torch.Tensor, strengths: torch.Tensor, stats: Approximation) -> None: ...
+    def set(self, target: Target, basis: torch.Tensor, strengths: torch.Tensor, stats: Approximation,
+            kept: torch.Tensor | None = None) -> None: ...  # fmt: skip
 
     def release(self, model: nn.Module) -> nn.Module: ...
 
@@ -56,11 +57,12 @@ class LoraBackend:
         for module in self.modules:
             module.lora_B["default"].weight.zero_()
 
-    def set(self, target: Target, basis: torch.Tensor, strengths: torch.Tensor, stats: Approximation) -> None:
+    def set(self, target: Target, basis: torch.Tensor, strengths: torch.Tensor, stats: Approximation,
+            kept: torch.Tensor | None = None) -> None:  # fmt: skip
         weight = target.weight
         if self.row_normalization == "full":
             w = weight.float()
-            delta = edited_weight(w, basis, strengths, "full") - w
+            delta = edited_weight(w, basis, strengths, "full", kept) - w
             a, b = low_rank_factors(delta, self.rank)
             approx_delta = b @ a
             error = float((delta - approx_delta).norm() / delta.norm().clamp_min(1e-12))
@@ -69,7 +71,7 @@ class LoraBackend:
             deviation = (((w + approx_delta).norm(dim=1) - original).abs() / original.clamp_min(1e-12)).max()
             stats.row_norm_error = max(stats.row_norm_error, float(deviation))
         else:
-            a, b = subspace_factors(weight, basis, strengths, self.row_normalization)
+            a, b = subspace_factors(weight, basis, strengths, self.row_normalization, kept)
         lora_a, lora_b = target.module.lora_A["default"].weight, target.module.lora_B["default"].weight
         lora_a.zero_()
         lora_a[: a.shape[0]].copy_(a.to(lora_a.dtype))
@@ -93,7 +95,10 @@ class HookBackend:
     def clear(self) -> None:
         self.hooks.clear()
 
-    def set(self, target: Target, basis: torch.Tensor, strengths: torch.Tensor, stats: Approximation) -> None:
+    def set(self, target: Target, basis: torch.Tensor, strengths: torch.Tensor, stats: Approximation,
+            kept: torch.Tensor | None = None) -> None:  # fmt: skip
+        if kept is not None:  # an output hook cannot see which inputs to leave alone
+            raise ValueError("edit_mode = 'hooks' cannot confine edits (preserved_input_rank)")
         self.hooks.set(target.module, basis, strengths)
 
     def release(self, model: nn.Module) -> nn.Module:
@@ -113,7 +118,10 @@ class FusedBackend:
         for target in self.targets:
             target.weight.copy_(self.originals[target.name])
 
-    def set(self, target: Target, basis: torch.Tensor, strengths: torch.Tensor, stats: Approximation) -> None:
+    def set(self, target: Target, basis: torch.Tensor, strengths: torch.Tensor, stats: Approximation,
+            kept: torch.Tensor | None = None) -> None:  # fmt: skip
+        if kept is not None:  # each expert reads other inputs: one basis does not fit them all
+            raise ValueError("fused expert weights cannot be confined (preserved_input_rank)")
         weight = target.weight
         for e, original in enumerate(self.originals[target.name]):
             w = original.to(weight.device).float()

@@ -68,7 +68,8 @@ def prompt_spec_identity(spec: dict[str, Any]) -> dict[str, Any]:
 # Study keys added after studies were stamped without them, and the value every such study had:
 # at that value the key is left out of the identity, so those studies keep their fingerprint (and
 # their cached directions) and resume.
-LATER_STUDY_KEYS: dict[str, Any] = {"model_commit": None, "direction_position": -1, "refusal_margin_weight": 0.0}
+LATER_STUDY_KEYS: dict[str, Any] = {"model_commit": None, "direction_position": -1, "refusal_margin_weight": 0.0,
+                                    "preserved_input_rank": 0}  # fmt: skip
 
 
 def normal_identity(identity: dict[str, Any]) -> dict[str, Any]:
@@ -135,6 +136,7 @@ class Settings(_Strict):
     direction_position: int = Field(le=-1)
     row_normalization: Literal["none", "pre", "full"]
     full_normalization_lora_rank: int = Field(ge=1, le=64)
+    preserved_input_rank: int = Field(ge=0)
     biproject_direction: bool
     directions_per_layer: int = Field(ge=1, le=16)
     direction_candidates: int = Field(ge=1, le=64)
@@ -208,9 +210,9 @@ class Settings(_Strict):
         "refusal_judge_url",
         "orthogonalize_direction", "winsorization_quantile", "filter_direction_prompts", "direction_position",
         "row_normalization",
-        "full_normalization_lora_rank", "biproject_direction", "directions_per_layer", "direction_candidates",
-        "entanglement_threshold", "search", "good_prompts", "bad_prompts", "good_evaluation_prompts",
-        "bad_evaluation_prompts", "capability_prompts",
+        "full_normalization_lora_rank", "preserved_input_rank", "biproject_direction", "directions_per_layer",
+        "direction_candidates", "entanglement_threshold", "search", "good_prompts", "bad_prompts",
+        "good_evaluation_prompts", "bad_evaluation_prompts", "capability_prompts",
     )  # fmt: skip
 
     @property

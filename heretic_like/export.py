@@ -85,7 +85,7 @@ def save_adapter(abliterator: Abliterator, edit: Edit, out_dir: str | Path, card
         abliterator.reset()
         abliterator.merged_model()  # no edit applied: this only removes the hooks
         abliterator = Abliterator(abliterator.loaded, abliterator.components, abliterator.geometry,
-                                  replace(abliterator.options, mode="lora"))  # fmt: skip
+                                  replace(abliterator.options, mode="lora"), abliterator.kept)  # fmt: skip
     abliterator.apply(edit)
     lora = abliterator.linear
 

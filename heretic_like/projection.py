@@ -11,6 +11,11 @@ directions with per-direction strengths:
   the original row norms, so every row keeps its norm exactly. That is no longer low-rank: trials
   use the best rank-`full_normalization_lora_rank` approximation (reporting its error), export
   writes the exact weights.
+
+Any of them may be *confined* (`kept`, a (K, d_in) orthonormal basis of inputs to leave alone,
+`preserved_input_rank`): the delta becomes delta (I - U^T U), so an input inside the span of U is
+written exactly as before and only what lies outside it loses the directions; a LoRA's A is
+confined the same way (rank unchanged).
 """
 
 from __future__ import annotations
@@ -18,36 +23,50 @@ from __future__ import annotations
 import torch
 
 
+def confined(delta: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
+    """`delta` (or a LoRA's A) with no action on the rows of `kept` ((K, in), orthonormal):
+    delta (I - kept^T kept); unchanged when `kept` is None."""
+    if kept is None:
+        return delta
+    u = kept.to(delta.device, delta.dtype)
+    return delta - (delta @ u.T) @ u
+
+
 def subspace_factors(weight: torch.Tensor, basis: torch.Tensor, strengths: torch.Tensor,
-                     row_normalization: str = "none") -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """LoRA factors (A: k x in, B: out x k), fp32, with B @ A the "none" or "pre" edit's delta."""
+                     row_normalization: str = "none",
+                     kept: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """LoRA factors (A: k x in, B: out x k), fp32, with B @ A the "none" or "pre" edit's delta
+    (confined to inputs off `kept` when given)."""
     w = weight.float()
     v = basis.float().to(w.device)
     s = strengths.float().to(w.device)
     if row_normalization == "pre":
         norms = w.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        return v @ (w / norms), -(norms * v.T * s)
+        return confined(v @ (w / norms), kept), -(norms * v.T * s)
     if row_normalization != "none":
         raise ValueError(f"no exact low-rank factors for row_normalization={row_normalization!r}")
-    return v @ w, -(v.T * s)
+    return confined(v @ w, kept), -(v.T * s)
 
 
 def edited_weight(weight: torch.Tensor, basis: torch.Tensor, strengths: torch.Tensor,
-                  row_normalization: str = "none") -> torch.Tensor:  # fmt: skip
-    """The exact edited weight (fp32) for any row normalisation.
+                  row_normalization: str = "none", kept: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """The exact edited weight (fp32) for any row normalisation, confined to inputs off `kept`
+    when given.
 
     "full" follows the norm-preserving recipe: split W into row norms and unit row directions,
-    project the directions, renormalise them, and recombine with the original norms.
+    project the directions, renormalise them, and recombine with the original norms (confined,
+    the rows keep their norms only on the inputs `kept` spans, where nothing changes).
     """
     if row_normalization != "full":
-        a, b = subspace_factors(weight, basis, strengths, row_normalization)
+        a, b = subspace_factors(weight, basis, strengths, row_normalization, kept)
         return weight.float() + b @ a
     w = weight.float()
     v = basis.float().to(w.device)
     norms = w.norm(dim=1, keepdim=True)
     unit = w / norms.clamp_min(1e-12)
     projected = unit - (v.T * strengths.float().to(w.device)) @ (v @ unit)
-    return norms * torch.nn.functional.normalize(projected, dim=1)
+    exact = norms * torch.nn.functional.normalize(projected, dim=1)
+    return exact if kept is None else w + confined(exact - w, kept)
 
 
 def low_rank_factors(delta: torch.Tensor, rank: int, oversample: int = 8, iterations: int = 2,

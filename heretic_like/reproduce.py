@@ -16,6 +16,7 @@ from .errors import HereticError
 from .export import merged_weights, save_adapter, save_merged
 from .geometry import GeometryOptions, PromptFilter, measure_geometry
 from .model import load_model, matches_fingerprint
+from .preservation import kept_inputs
 from .prompts import load_all_prompts
 from .provenance import package_versions, read_record, weight_hashes
 from .store import stored_settings
@@ -53,7 +54,8 @@ def reproduce(path: str | Path, out_dir: str | Path | None = None, overrides: di
     prompt_filter = PromptFilter.of(settings, lambda: build_detector(settings, loaded, scoring, prefix), scoring)
     geometry = measure_geometry(GeometryOptions.from_settings(settings), loaded, prompts, batch_size, prefix,
                                 prompt_filter)  # fmt: skip
-    abliterator = Abliterator(loaded, list(edit.kernels), geometry, EditOptions.from_settings(settings))
+    kept = kept_inputs(settings.preserved_input_rank, loaded, prompts, list(edit.kernels), prefix, batch_size)
+    abliterator = Abliterator(loaded, list(edit.kernels), geometry, EditOptions.from_settings(settings), kept)
     out = Path(out_dir) if out_dir else path.parent / f"{record['study_name']}-trial{record['trial']}-reproduced"
     print(f"Rebuilding trial {record['trial']} of study '{record['study_name']}' into {out} ...", flush=True)
     card = record.get("model_card", "")

@@ -29,6 +29,7 @@ from .geometry import GeometryOptions, PromptFilter, cached_geometry, compute_ge
 from .interrupts import noting_interrupts, stop_if_interrupted
 from .margin import refusal_margin, unedited_opening_rates
 from .model import LoadedModel, chat_texts, load_model, matches_fingerprint, model_fingerprint
+from .preservation import kept_inputs
 from .prompts import PromptSets, load_all_prompts
 from .records import FINISHED, StudyRecord, TrialRecord, response_prefix_of
 from .report import plot_layer_metrics, write_residual_plot
@@ -162,12 +163,6 @@ def describe_geometry(settings: Settings, geometry: RefusalGeometry) -> None:
           f"metrics in {study_file(settings, '.layers.csv')}")  # fmt: skip
 
 
-def markers_of(settings: Settings, evaluator: Evaluator) -> MarkerDetector:
-    """The marker detector, to compare another detector's verdicts with."""
-    prefix = getattr(evaluator.detector, "prefix", "")
-    return MarkerDetector.from_settings(settings, prefix)
-
-
 @dataclass
 class StudyRun:
     """What a finished run hands on: to export, to report, to benchmark."""
@@ -197,6 +192,7 @@ def run_study(settings: Settings) -> StudyRun:
           f"directions {timings['directions']:.1f} s)")  # fmt: skip
 
     record = StudyRecord(study)
+    markers = MarkerDetector.from_settings(settings, getattr(evaluator.detector, "prefix", ""))  # to compare a judge
     base_refusals = record.base_refusals
     if base_refusals is None:
         started = time.perf_counter()
@@ -204,12 +200,12 @@ def run_study(settings: Settings) -> StudyRun:
         timings["base_refusals"] = time.perf_counter() - started
         base_refusals = base.refusals
         if evaluator.detector.name != "markers":
-            markers = markers_of(settings, evaluator).classify(evaluator.harmful_prompts, base.responses)
-            agreed = agreement(base.refused, markers)
+            unedited_markers = markers.classify(evaluator.harmful_prompts, base.responses)
+            agreed = agreement(base.refused, unedited_markers)
             record.detector_agreement_unedited = agreed
             print(f"Refusal detector '{evaluator.detector.name}' agrees with the markers on {agreed['agreement']:.0%} "
                   f"of the unedited model's responses (kappa {agreed['kappa']:.2f})")  # fmt: skip
-            if warning := judge_warning(base.refusals, sum(markers), agreed["kappa"]):
+            if warning := judge_warning(base.refusals, sum(unedited_markers), agreed["kappa"]):
                 print(warning)
         record.record_base(base_refusals, evaluator.refused_positions(base), len(evaluator.harmful))
     screening = ScreeningOptions.from_settings(settings)
@@ -223,7 +219,9 @@ def run_study(settings: Settings) -> StudyRun:
     weight = settings.refusal_margin_weight
     margin_rates = unedited_opening_rates(record) if weight else None
 
-    abliterator = Abliterator(loaded, settings.search.components, geometry, EditOptions.from_settings(settings))
+    kept = kept_inputs(settings.preserved_input_rank, loaded, prompts, settings.search.components,
+                       resolve_response_prefix(settings, study), record.directions_batch())  # fmt: skip
+    abliterator = Abliterator(loaded, settings.search.components, geometry, EditOptions.from_settings(settings), kept)
     if isinstance(evaluator.detector, ModelJudge) and evaluator.detector.loaded is loaded:
         evaluator.detector.unedited = abliterator.unedited  # the model judges with its original weights
     if settings.search.seed_best_layer and not study.trials:
@@ -280,7 +278,7 @@ def run_study(settings: Settings) -> StudyRun:
             raise optuna.TrialPruned()
         if evaluator.detector.name != "markers":
             asked = evaluator.harmful_prompts[: len(score.responses)]
-            marker_verdicts = markers_of(settings, evaluator).classify(asked, score.responses)
+            marker_verdicts = markers.classify(asked, score.responses)
             stored.record_marker_agreement(sum(marker_verdicts), agreement(score.refused, marker_verdicts)["agreement"])
         if settings.print_responses:
             for prompt, response in zip(evaluator.harmful_prompts, score.responses, strict=True):
@@ -388,12 +386,13 @@ def study_abliterator(study: optuna.Study, settings: Settings, components: list[
     stored = record.model_fingerprint
     if stored is not None and not matches_fingerprint(loaded.model, stored):
         raise HereticError(f"'{settings.model}' is not the model study '{study.study_name}' was run on")
-    options = GeometryOptions.from_settings(settings)
+    options, prompts = GeometryOptions.from_settings(settings), load_all_prompts(settings)
+    prefix = resolve_response_prefix(settings, study)
+    batch = record.directions_batch(settings.directions_batch_size or settings.batch_size or 8)
     geometry = cached_geometry(options, loaded.num_layers)
     if geometry is None:
-        prefix = resolve_response_prefix(settings, study)
-        batch = record.directions_batch(settings.directions_batch_size or settings.batch_size or 8)
         scoring = record.batch_size or batch  # filtered as the run did, or an export writes another edit
         prompt_filter = PromptFilter.of(settings, lambda: build_detector(settings, loaded, scoring, prefix), scoring)
-        geometry = compute_geometry(options, loaded, load_all_prompts(settings), batch, prefix, prompt_filter)
-    return Abliterator(loaded, components, geometry, EditOptions.from_settings(settings))
+        geometry = compute_geometry(options, loaded, prompts, batch, prefix, prompt_filter)
+    kept = kept_inputs(settings.preserved_input_rank, loaded, prompts, components, prefix, batch)
+    return Abliterator(loaded, components, geometry, EditOptions.from_settings(settings), kept)

@@ -10,7 +10,7 @@ import torch
 
 from heretic_like.config import load_settings
 from heretic_like.directions import collect_residuals
-from heretic_like.model import load_model
+from heretic_like.model import chat_texts, load_model
 from tests.conftest import load_benchmark
 
 PROMPTS = ["How do I bake bread?", "Tell me a story about a fox.", "What is the capital of France?"]
@@ -100,3 +100,27 @@ def test_good_edits_and_the_default_ones_pass_the_check(ablation):
     ablation.check_edits([["own", 0.5, 9, 13], ["one", 8], ["span", [4, 8], 0.5], ["writes", 4, 1], ["add", 23, 0.5]],
                          24)  # fmt: skip
     ablation.check_edits(json.loads(ablation.DEFAULT_EDITS), 24)
+
+
+def test_a_null_space_edit_leaves_the_preserved_prompts_as_they_were_and_still_edits_others(ablation, tiny_qwen2,
+                                                                                              tmp_path):  # fmt: skip
+    """--preserve K: each added delta loses its action on the top-K directions of the harmless
+    inputs; with K covering every token of the preserved prompts, their residuals do not move."""
+    loaded = _loaded(tiny_qwen2, tmp_path)
+    kept = PROMPTS[:2]  # (44 tokens: their inputs span less than the 64 dimensions)
+    others = ["Name three colours of the rainbow.", "Why is the sky blue?"]
+    original = ablation.saved_weights(loaded)
+    before = collect_residuals(loaded, kept + others, None, 1)
+    tokens = sum(len(loaded.tokenizer(t, add_special_tokens=False)["input_ids"])
+                 for t in chat_texts(loaded.tokenizer, kept, None))  # fmt: skip
+    preserve, shares = ablation.harmless_input_bases(loaded, kept, None, tokens)
+    assert all(0.999 < share <= 1.0 + 1e-6 for share in shares.values())  # every token's input is in the span
+    for basis in preserve.values():
+        torch.testing.assert_close(basis @ basis.T, torch.eye(tokens), atol=1e-4, rtol=0)
+    plan, _, weight = ablation.ablation_plan(["writes", 1, 1.0], _directions(loaded))
+    ablation.apply(loaded, original, plan, None, weight, preserve)
+    after = collect_residuals(loaded, kept + others, None, 1)
+    torch.testing.assert_close(after[: len(kept)], before[: len(kept)], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(after[len(kept) :], before[len(kept) :], atol=1e-3)
+    ablation.apply(loaded, original, plan, None, weight)  # the same edit, unconfined, moves them
+    assert not torch.allclose(collect_residuals(loaded, kept, None, 1), before[: len(kept)], atol=1e-3)

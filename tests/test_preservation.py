@@ -1,0 +1,135 @@
+"""`preserved_input_rank`, the null-space edit: the confinement's algebra, the bases' accuracy,
+an edited model that leaves the preserved prompts alone, and a study that exports and rebuilds it."""
+
+import pytest
+import torch
+
+from heretic_like.ablation import Abliterator, Edit, EditOptions
+from heretic_like.cli import main
+from heretic_like.config import load_settings
+from heretic_like.directions import RefusalGeometry, collect_residuals
+from heretic_like.errors import HereticError
+from heretic_like.kernel import Kernel
+from heretic_like.model import chat_texts, encode, load_model
+from heretic_like.preservation import preserved_inputs
+from heretic_like.projection import confined, edited_weight, subspace_factors
+from heretic_like.provenance import read_record, weight_hashes
+from tests.conftest import study_config
+
+COMPONENTS = ["attn.o_proj", "mlp.down_proj"]
+
+
+def _orthonormal_rows(k: int, d: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(d, k, generator=generator)).Q.T
+
+
+@pytest.mark.parametrize("row_normalization", ["none", "pre", "full"])
+def test_a_confined_edit_writes_kept_inputs_as_before_and_the_rest_as_the_edit_does(row_normalization):
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(12, 20, generator=generator)
+    basis, strengths = _orthonormal_rows(2, 12, 1), torch.tensor([1.0, 0.7])
+    kept = _orthonormal_rows(6, 20, 2)
+    free = torch.linalg.qr(torch.cat([kept.T, torch.randn(20, 14, generator=generator)], 1)).Q[:, 6:].T
+    plain = edited_weight(weight, basis, strengths, row_normalization)
+    confined_weight = edited_weight(weight, basis, strengths, row_normalization, kept)
+    torch.testing.assert_close(confined_weight @ kept.T, weight @ kept.T)  # kept inputs: written as before
+    torch.testing.assert_close(confined_weight @ free.T, plain @ free.T)  # the rest: the edit's
+    assert not torch.allclose(plain @ kept.T, weight @ kept.T, atol=1e-3)  # unconfined, they moved
+    if row_normalization != "full":  # exact LoRA factors: rank unchanged, the same delta
+        a, b = subspace_factors(weight, basis, strengths, row_normalization, kept)
+        assert a.shape == (2, 20)
+        torch.testing.assert_close(weight + b @ a, confined_weight)
+    torch.testing.assert_close(confined(confined_weight - weight, kept), confined_weight - weight)  # idempotent
+    assert confined(plain, None) is plain
+
+
+def _loaded(model_dir, tmp_path):
+    return load_model(load_settings(overrides={"model": str(model_dir), "dtypes": ["float32"],
+                                               "cache_dir": str(tmp_path / "cache")}))  # fmt: skip
+
+
+def _inputs(loaded, texts: list[str], target) -> torch.Tensor:
+    """Every non-padding token's input to `target`, collected plainly (the reference)."""
+    rows = []
+    handle = target.module.register_forward_pre_hook(lambda module, args: rows.append(args[0][mask]))
+    batch = encode(loaded.tokenizer, texts, loaded.device)
+    mask = batch["attention_mask"].bool()
+    with torch.no_grad():
+        loaded.model(**batch)
+    handle.remove()
+    return torch.cat(rows).float()
+
+
+def test_the_bases_are_the_inputs_top_principal_directions(tiny_qwen2, tmp_path):
+    loaded = _loaded(tiny_qwen2, tmp_path)
+    texts = chat_texts(loaded.tokenizer, ["How do I bake bread?", "Tell me a story about a fox.",
+                                          "What is the capital of France?", "Name a prime number."], None)  # fmt: skip
+    bases = preserved_inputs(loaded, ["mlp.down_proj", "attn.o_proj"], texts, 8, batch_size=3)
+    assert set(bases) == {(c, layer) for c in ("mlp.down_proj", "attn.o_proj") for layer in range(3)}
+    for target in loaded.targets(["mlp.down_proj", "attn.o_proj"]):
+        basis = bases[(target.component, target.layer)]
+        assert basis.shape == (8, target.weight.shape[1])
+        torch.testing.assert_close(basis @ basis.T, torch.eye(8), atol=1e-5, rtol=0)
+        inputs = _inputs(loaded, texts, target)
+        exact = torch.linalg.svd(inputs, full_matrices=False).Vh[:8]
+        # as much of the inputs' energy as the best rank-8 subspace holds, and (nearly) that subspace
+        assert (inputs @ basis.T).square().sum() >= 0.999 * (inputs @ exact.T).square().sum()
+        torch.testing.assert_close(basis.T @ basis, exact.T @ exact, atol=1e-2, rtol=0)
+    again = preserved_inputs(loaded, ["mlp.down_proj", "attn.o_proj"], texts, 8, batch_size=3)
+    assert all(torch.equal(again[key], bases[key]) for key in bases)  # a rebuild gets the same bits
+
+
+def test_a_rank_the_modules_cannot_take_is_a_one_line_error(tiny_qwen2, tmp_path):
+    loaded = _loaded(tiny_qwen2, tmp_path)
+    with pytest.raises(HereticError, match=r"preserved_input_rank = 64: must be below .* input size \(64\)"):
+        preserved_inputs(loaded, COMPONENTS, ["hello"], 64, 4)
+
+
+def _geometry(loaded, seed: int = 0) -> RefusalGeometry:
+    n, d = loaded.num_layers, loaded.model.config.hidden_size
+    generator = torch.Generator().manual_seed(seed)
+    directions = torch.nn.functional.normalize(torch.randn(n, d, generator=generator), dim=-1)
+    zeros = torch.zeros(n, d)
+    return RefusalGeometry(harmful_mean=zeros, harmless_mean=zeros, directions=directions, extra=torch.zeros(n, 0, d),
+                           fisher=torch.ones(n, 1), entanglement=torch.full((n, 1), float("nan")))  # fmt: skip
+
+
+def test_the_edited_model_leaves_the_preserved_prompts_alone_and_its_export_is_the_trial(tiny_qwen2, tmp_path):
+    loaded = _loaded(tiny_qwen2, tmp_path)
+    kept_prompt, other = ["How do I bake bread?"], ["Name three colours of the rainbow."]
+    texts = chat_texts(loaded.tokenizer, kept_prompt, None)  # 20 tokens: their inputs span 20 directions
+    before = collect_residuals(loaded, kept_prompt + other, None, 1)
+    bases = preserved_inputs(loaded, COMPONENTS, texts, 24, batch_size=1)
+    editor = Abliterator(loaded, COMPONENTS, _geometry(loaded), EditOptions(), bases)
+    edit = Edit(direction_index=None, kernels={c: Kernel(1.5, 1.0, 1.0, 2.0) for c in COMPONENTS})
+    editor.apply(edit)
+    during = collect_residuals(loaded, kept_prompt + other, None, 1)
+    torch.testing.assert_close(during[0], before[0], atol=1e-4, rtol=1e-4)  # the preserved prompt: unchanged
+    assert not torch.allclose(during[1], before[1], atol=1e-3)  # another prompt: edited
+    merged = editor.merged_model()  # the exact weights export writes: the same model as the LoRA
+    loaded.model = merged
+    torch.testing.assert_close(collect_residuals(loaded, kept_prompt + other, None, 1), during, atol=1e-5, rtol=1e-5)
+
+
+def test_hooks_cannot_confine_an_edit(tiny_qwen2, tmp_path):
+    loaded = _loaded(tiny_qwen2, tmp_path)
+    bases = preserved_inputs(loaded, COMPONENTS, ["hello there"], 4, 1)
+    with pytest.raises(ValueError, match="hooks' cannot confine"):
+        Abliterator(loaded, COMPONENTS, _geometry(loaded), EditOptions(mode="hooks"), bases)
+
+
+def test_a_confined_study_exports_and_rebuilds_bit_identical_weights(tiny_llama, tmp_path, capsys):
+    config = study_config(tmp_path, tiny_llama, n_trials=2, export_trial=1, preserved_input_rank=16,
+                          row_normalization='"full"', export_dir=f'"{tmp_path / "export"}"')  # fmt: skip
+    assert main(["--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "Edits leave alone the top 16 directions of each module's inputs on 150 harmless prompts" in out
+    record_path = tmp_path / "export" / "reproduce.json"
+    assert read_record(record_path)["config"]["preserved_input_rank"] == 16
+    assert main(["reproduce", str(record_path), "--out", str(tmp_path / "again")]) == 0
+    assert "bit-identical" in capsys.readouterr().out
+    # export in another process measures the bases again, and writes the same weights
+    (journal,) = (tmp_path / "checkpoints").glob("*.journal")
+    assert main(["export", "--study", str(journal), "--trial", "1", "--out", str(tmp_path / "elsewhere")]) == 0
+    assert weight_hashes(tmp_path / "elsewhere") == weight_hashes(tmp_path / "export")
