@@ -163,6 +163,7 @@ def harmless_input_bases(loaded, prompts: list[str], system: str | None, rank: i
         for handle in handles:
             handle.remove()
     bases, shares = {}, {}
+    torch.manual_seed(0)  # svd_lowrank draws its sketch from the global generator: the same bases every run
     for key, rows in tqdm(seen.items(), desc="principal directions", leave=False):
         x = torch.cat(rows)
         _, s, v = torch.svd_lowrank(x, q=min(rank + 16, min(x.shape)), niter=4, M=None)

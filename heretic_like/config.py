@@ -185,6 +185,8 @@ class Settings(_Strict):
             raise ValueError("refusal_detector = 'endpoint' needs refusal_judge_url and refusal_judge_model")
         if self.edit_mode == "hooks" and self.row_normalization != "none":
             raise ValueError(f"edit_mode = 'hooks' needs row_normalization = 'none' (got '{self.row_normalization}')")
+        if self.edit_mode == "hooks" and self.preserved_input_rank:  # an output hook cannot see the inputs
+            raise ValueError(f"edit_mode = 'hooks' needs preserved_input_rank = 0 (got {self.preserved_input_rank})")
         return self
 
     @field_validator("thinking_tags")

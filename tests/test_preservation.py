@@ -133,3 +133,36 @@ def test_a_confined_study_exports_and_rebuilds_bit_identical_weights(tiny_llama,
     (journal,) = (tmp_path / "checkpoints").glob("*.journal")
     assert main(["export", "--study", str(journal), "--trial", "1", "--out", str(tmp_path / "elsewhere")]) == 0
     assert weight_hashes(tmp_path / "elsewhere") == weight_hashes(tmp_path / "export")
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--edit-mode", "hooks", "--row-normalization", "none", "--preserved-input-rank", "8"],
+     "edit_mode = 'hooks' needs preserved_input_rank = 0 (got 8)"),
+    (["--preserved-input-rank", "-1"], "preserved_input_rank"),
+])  # fmt: skip
+def test_a_rank_the_config_cannot_take_is_a_one_line_error(flags, message, capsys):
+    assert main(["config", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_fused_experts_cannot_be_confined(tiny_qwen2_moe, tmp_path):
+    loaded = _loaded(tiny_qwen2_moe, tmp_path)
+    with pytest.raises(HereticError, match="preserved_input_rank: not for fused MoE expert weights"):
+        preserved_inputs(loaded, ["mlp.down_proj"], ["hello"], 4, 1)
+
+
+def test_the_probe_scales_every_strength_and_keeps_the_kernels_shapes():
+    from heretic_like.ablation import GlobalDirection
+    from tests.conftest import load_benchmark
+
+    probe = load_benchmark("null_space_probe")
+    edit = Edit(direction_index=12.5, kernels={"attn.o_proj": Kernel(1.2, 14.0, 0.4, 6.0, "cosine")},
+                entangled_strength=0.8, second_peak=Kernel(0.5, 8.0, 0.1, 2.0),
+                global_direction=GlobalDirection(0.2, 0.6))  # fmt: skip
+    twice = probe.scaled(edit, 2.0)
+    assert twice.kernels["attn.o_proj"] == Kernel(2.4, 14.0, 0.8, 6.0, "cosine")
+    assert twice.second_peak == Kernel(1.0, 8.0, 0.2, 2.0)
+    assert twice.global_direction == GlobalDirection(0.2, 1.2)
+    assert (twice.direction_index, twice.entangled_strength) == (12.5, 0.8)  # where, not how much
+    assert probe.scaled(Edit(None, {}), 3.0) == Edit(None, {})
