@@ -19,7 +19,7 @@ from .backends import EditBackend, FusedBackend, HookBackend, LoraBackend
 from .directions import RefusalGeometry, biproject, interpolate_direction, orthonormalize
 from .kernel import Kernel
 from .model import LoadedModel, Target
-from .projection import edited_weight
+from .projection import Step, composed_weight
 
 
 @dataclass(frozen=True)
@@ -33,12 +33,13 @@ class EditOptions:
     mode: str = "lora"
     second_peak: bool = False  # edits may carry a second peak: one more LoRA rank
     global_direction: bool = False  # edits may carry a global direction: one more LoRA rank
+    preserve_scope: str = "edit"  # preserved_input_scope: what the kept inputs confine
 
     @classmethod
     def from_settings(cls, settings) -> EditOptions:
         return cls(settings.row_normalization, settings.full_normalization_lora_rank, settings.biproject_direction,
                    settings.entanglement_threshold, settings.edit_mode, settings.search.second_peak,
-                   settings.search.global_direction)  # fmt: skip
+                   settings.search.global_direction, settings.preserved_input_scope)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -194,10 +195,10 @@ class Abliterator:
         if self.options.mode == "hooks":
             self.linear = HookBackend()
         elif loaded.target_names(self.components):
-            self.linear = LoraBackend(loaded, self.components, self.rank, self.options.row_normalization)
+            self.linear = LoraBackend(loaded, self.components, self.rank)
         self.targets = loaded.targets(self.components)  # LoRA-wrapped modules, if any
         fused = [t for t in self.targets if t.fused]
-        self.fused = FusedBackend(fused, self.options.row_normalization) if fused else None
+        self.fused = FusedBackend(fused) if fused else None
         self.backends: list[EditBackend] = [b for b in (self.linear, self.fused) if b is not None]
         self.current: Edit | None = None
         self.stats = EditStats()
@@ -230,8 +231,12 @@ class Abliterator:
         for backend in self.backends:
             backend.clear()
 
-    def plan(self, edit: Edit) -> dict[str, list[Entry | None]]:
-        """Per component and layer: (basis, strengths) to apply, or None where every kernel is 0."""
+    def plan(self, edit: Edit) -> dict[str, list[list[Step]]]:
+        """Per component and layer: the projections to apply in order (none where every kernel is 0).
+
+        One step, confined off the layer's kept inputs when there are any; with `preserved_input_scope
+        = "global_direction"` two: the kernels' edit as it is, then the global direction, plain and
+        confined (the edit's own directions travel mostly through inputs harmless prompts share)."""
         if edit.second_peak is not None and not self.options.second_peak:
             # the LoRA has no rank for it: fail before any module is touched, not inside peft
             raise ValueError("this edit has a second peak, but the editor was set up without search.second_peak")
@@ -241,15 +246,24 @@ class Abliterator:
         bases = edit.layer_bases(self.geometry, self.options)
         second = edit.second_peak_bases(self.geometry, self.options)
         overall = edit.global_bases(self.geometry, self.options)
-        n = self.geometry.num_layers
-        out: dict[str, list[Entry | None]] = {}
+        n, normalization = self.geometry.num_layers, self.options.row_normalization
+        split = self.options.preserve_scope == "global_direction"
+        out: dict[str, list[list[Step]]] = {}
         for component in self.components:
             kernel = edit.kernels.get(component)
             weights = kernel.weights(n) if kernel else torch.zeros(n, dtype=torch.float64)
-            out[component] = [
-                stack_edits(stack_edits((basis, float(w) * mult) if float(w) != 0.0 else None, extra), everywhere)
-                for (basis, mult), w, extra, everywhere in zip(bases, weights, second, overall, strict=True)
-            ]
+            out[component] = []
+            for layer, ((basis, mult), w, extra, everywhere) in enumerate(zip(bases, weights, second, overall,
+                                                                              strict=True)):  # fmt: skip
+                kept = self.kept.get((component, layer))
+                main = stack_edits((basis, float(w) * mult) if float(w) != 0.0 else None, extra)
+                if split:
+                    steps = [(*main, normalization, None)] if main is not None else []
+                    steps += [(*everywhere, "none", kept)] if everywhere is not None else []
+                else:
+                    entry = stack_edits(main, everywhere)
+                    steps = [(*entry, normalization, kept)] if entry is not None else []
+                out[component].append(steps)
         return out
 
     @torch.no_grad()
@@ -258,12 +272,12 @@ class Abliterator:
         stats = EditStats()
         plan = self.plan(edit)
         for target in self.targets:
-            entry = plan[target.component][target.layer]
+            steps = plan[target.component][target.layer]
             stats.modules.setdefault(target.component, 0)
-            if entry is None:
+            if not steps:
                 continue
             stats.modules[target.component] += target.count
-            self.backend(target).set(target, *entry, stats, self.kept.get((target.component, target.layer)))
+            self.backend(target).set(target, steps, stats)
         self.current = edit
         self.stats = stats
         return stats
@@ -284,10 +298,8 @@ class Abliterator:
             model = backend.release(model)
         self.backends = []
         for target in self.loaded.targets(list(plan)):  # plain modules again: hooks and LoRA are gone
-            entry = plan[target.component][target.layer]
-            if entry is None or target.fused:
+            steps = plan[target.component][target.layer]
+            if not steps or target.fused:
                 continue
-            exact = edited_weight(target.weight, *entry, self.options.row_normalization,
-                                  self.kept.get((target.component, target.layer)))  # fmt: skip
-            target.weight.copy_(exact.to(target.weight.dtype))
+            target.weight.copy_(composed_weight(target.weight, steps).to(target.weight.dtype))
         return model

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 from typing import Protocol
 
-import torch
 from torch import nn
 
 from .hooks import ProjectionHooks
 from .model import LoadedModel, Target, peft_quietly
-from .projection import edited_weight, low_rank_factors, subspace_factors
+from .projection import Step, composed_factors, composed_weight, low_rank_factors
 
 
 class Approximation(Protocol):
@@ -32,8 +31,7 @@ class Approximation(Protocol):
 class EditBackend(Protocol):
     def clear(self) -> None: ...
 
-    def set(self, target: Target, basis: torch.Tensor, strengths: torch.Tensor, stats: Approximation,
-            kept: torch.Tensor | None = None) -> None: ...  # fmt: skip
+    def set(self, target: Target, steps: list[Step], stats: Approximation) -> None: ...
 
     def release(self, model: nn.Module) -> nn.Module: ...
 
@@ -42,7 +40,7 @@ class LoraBackend:
     """A peft LoRA of `rank` on the Linear targets. Exact for "none"/"pre" (the edit is low-rank);
     for "full" the best rank-`rank` approximation, its error recorded per trial."""
 
-    def __init__(self, loaded: LoadedModel, components: list[str], rank: int, row_normalization: str):
+    def __init__(self, loaded: LoadedModel, components: list[str], rank: int):
         from peft import LoraConfig, get_peft_model
 
         config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, bias="none",
@@ -50,19 +48,18 @@ class LoraBackend:
         with peft_quietly():
             self.peft_model = get_peft_model(loaded.model, config)
         self.peft_model.eval()
-        self.rank, self.row_normalization = rank, row_normalization
+        self.rank = rank
         self.modules = [t.module for t in loaded.targets(components) if not t.fused]  # as wrapped
 
     def clear(self) -> None:
         for module in self.modules:
             module.lora_B["default"].weight.zero_()
 
-    def set(self, target: Target, basis: torch.Tensor, strengths: torch.Tensor, stats: Approximation,
-            kept: torch.Tensor | None = None) -> None:  # fmt: skip
+    def set(self, target: Target, steps: list[Step], stats: Approximation) -> None:
         weight = target.weight
-        if self.row_normalization == "full":
+        if any(row_normalization == "full" for _, _, row_normalization, _ in steps):
             w = weight.float()
-            delta = edited_weight(w, basis, strengths, "full", kept) - w
+            delta = composed_weight(w, steps) - w
             a, b = low_rank_factors(delta, self.rank)
             approx_delta = b @ a
             error = float((delta - approx_delta).norm() / delta.norm().clamp_min(1e-12))
@@ -71,7 +68,7 @@ class LoraBackend:
             deviation = (((w + approx_delta).norm(dim=1) - original).abs() / original.clamp_min(1e-12)).max()
             stats.row_norm_error = max(stats.row_norm_error, float(deviation))
         else:
-            a, b = subspace_factors(weight, basis, strengths, self.row_normalization, kept)
+            a, b = composed_factors(weight, steps)
         lora_a, lora_b = target.module.lora_A["default"].weight, target.module.lora_B["default"].weight
         lora_a.zero_()
         lora_a[: a.shape[0]].copy_(a.to(lora_a.dtype))
@@ -95,10 +92,10 @@ class HookBackend:
     def clear(self) -> None:
         self.hooks.clear()
 
-    def set(self, target: Target, basis: torch.Tensor, strengths: torch.Tensor, stats: Approximation,
-            kept: torch.Tensor | None = None) -> None:  # fmt: skip
-        if kept is not None:  # an output hook cannot see which inputs to leave alone
-            raise ValueError("edit_mode = 'hooks' cannot confine edits (preserved_input_rank)")
+    def set(self, target: Target, steps: list[Step], stats: Approximation) -> None:
+        (basis, strengths, _, kept), *more = steps
+        if kept is not None or more:  # an output hook cannot see which inputs to leave alone
+            raise ValueError("edit_mode = 'hooks' edits in one unconfined step (preserved_input_rank = 0)")
         self.hooks.set(target.module, basis, strengths)
 
     def release(self, model: nn.Module) -> nn.Module:
@@ -109,24 +106,22 @@ class HookBackend:
 class FusedBackend:
     """Fused MoE expert weights, every expert edited exactly in place from a CPU original."""
 
-    def __init__(self, targets: list[Target], row_normalization: str):
+    def __init__(self, targets: list[Target]):
         self.targets = targets
-        self.row_normalization = row_normalization
         self.originals = {t.name: t.weight.detach().to("cpu", copy=True) for t in targets}
 
     def clear(self) -> None:
         for target in self.targets:
             target.weight.copy_(self.originals[target.name])
 
-    def set(self, target: Target, basis: torch.Tensor, strengths: torch.Tensor, stats: Approximation,
-            kept: torch.Tensor | None = None) -> None:  # fmt: skip
-        if kept is not None:  # each expert reads other inputs: one basis does not fit them all
+    def set(self, target: Target, steps: list[Step], stats: Approximation) -> None:
+        if any(kept is not None for *_, kept in steps):  # each expert reads other inputs: one basis does not fit
             raise ValueError("fused expert weights cannot be confined (preserved_input_rank)")
         weight = target.weight
         for e, original in enumerate(self.originals[target.name]):
             w = original.to(weight.device).float()
             w = w.T if target.transposed else w
-            new = edited_weight(w, basis, strengths, self.row_normalization)
+            new = composed_weight(w, steps)
             weight[e].copy_((new.T if target.transposed else new).to(weight.dtype))
 
     def release(self, model: nn.Module) -> nn.Module:

@@ -69,7 +69,7 @@ def prompt_spec_identity(spec: dict[str, Any]) -> dict[str, Any]:
 # at that value the key is left out of the identity, so those studies keep their fingerprint (and
 # their cached directions) and resume.
 LATER_STUDY_KEYS: dict[str, Any] = {"model_commit": None, "direction_position": -1, "refusal_margin_weight": 0.0,
-                                    "preserved_input_rank": 0}  # fmt: skip
+                                    "preserved_input_rank": 0, "preserved_input_scope": "edit"}  # fmt: skip
 
 
 def normal_identity(identity: dict[str, Any]) -> dict[str, Any]:
@@ -137,6 +137,7 @@ class Settings(_Strict):
     row_normalization: Literal["none", "pre", "full"]
     full_normalization_lora_rank: int = Field(ge=1, le=64)
     preserved_input_rank: int = Field(ge=0)
+    preserved_input_scope: Literal["edit", "global_direction"]
     biproject_direction: bool
     directions_per_layer: int = Field(ge=1, le=16)
     direction_candidates: int = Field(ge=1, le=64)
@@ -187,6 +188,8 @@ class Settings(_Strict):
             raise ValueError(f"edit_mode = 'hooks' needs row_normalization = 'none' (got '{self.row_normalization}')")
         if self.edit_mode == "hooks" and self.preserved_input_rank:  # an output hook cannot see the inputs
             raise ValueError(f"edit_mode = 'hooks' needs preserved_input_rank = 0 (got {self.preserved_input_rank})")
+        if self.preserved_input_scope == "global_direction" and not self.search.global_direction:
+            raise ValueError("preserved_input_scope = 'global_direction' needs search.global_direction = true")
         return self
 
     @field_validator("thinking_tags")
@@ -212,7 +215,8 @@ class Settings(_Strict):
         "refusal_judge_url",
         "orthogonalize_direction", "winsorization_quantile", "filter_direction_prompts", "direction_position",
         "row_normalization",
-        "full_normalization_lora_rank", "preserved_input_rank", "biproject_direction", "directions_per_layer",
+        "full_normalization_lora_rank", "preserved_input_rank", "preserved_input_scope", "biproject_direction",
+        "directions_per_layer",
         "direction_candidates", "entanglement_threshold", "search", "good_prompts", "bad_prompts",
         "good_evaluation_prompts", "bad_evaluation_prompts", "capability_prompts",
     )  # fmt: skip

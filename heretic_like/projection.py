@@ -20,7 +20,13 @@ confined the same way (rank unchanged).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+
+# One projection of a module's weight: ((k, d_out) basis, (k,) strengths, row normalisation,
+# (K, d_in) inputs to leave alone or None). A module's edit is a sequence of them, in order.
+Step = tuple[torch.Tensor, torch.Tensor, str, torch.Tensor | None]
 
 
 def confined(delta: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
@@ -86,3 +92,24 @@ def low_rank_factors(delta: torch.Tensor, rank: int, oversample: int = 8, iterat
         u_small, s, vh = torch.linalg.svd(q.T @ delta, full_matrices=False)
         u = q @ u_small
     return vh[:rank], u[:, :rank] * s[:rank]
+
+
+def composed_weight(weight: torch.Tensor, steps: Sequence[Step]) -> torch.Tensor:
+    """The exact weight (fp32) after each step's edit in turn, each acting on what the steps before
+    it left (one step: `edited_weight`)."""
+    w = weight.float()
+    for basis, strengths, row_normalization, kept in steps:
+        w = edited_weight(w, basis, strengths, row_normalization, kept)
+    return w
+
+
+def composed_factors(weight: torch.Tensor, steps: Sequence[Step]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact LoRA factors of steps that are all low-rank ("none" or "pre"): each step's factors
+    from the weight the steps before it left, stacked, so B @ A = composed_weight - W."""
+    w, factors_a, factors_b = weight.float(), [], []
+    for basis, strengths, row_normalization, kept in steps:
+        a, b = subspace_factors(w, basis, strengths, row_normalization, kept)
+        w = w + b @ a
+        factors_a.append(a)
+        factors_b.append(b)
+    return torch.cat(factors_a), torch.cat(factors_b, dim=1)

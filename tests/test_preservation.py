@@ -12,7 +12,7 @@ from heretic_like.errors import HereticError
 from heretic_like.kernel import Kernel
 from heretic_like.model import chat_texts, encode, load_model
 from heretic_like.preservation import preserved_inputs
-from heretic_like.projection import confined, edited_weight, subspace_factors
+from heretic_like.projection import composed_factors, composed_weight, confined, edited_weight, subspace_factors
 from heretic_like.provenance import read_record, weight_hashes
 from tests.conftest import study_config
 
@@ -42,6 +42,22 @@ def test_a_confined_edit_writes_kept_inputs_as_before_and_the_rest_as_the_edit_d
         torch.testing.assert_close(weight + b @ a, confined_weight)
     torch.testing.assert_close(confined(confined_weight - weight, kept), confined_weight - weight)  # idempotent
     assert confined(plain, None) is plain
+
+
+def test_composed_steps_are_each_edit_in_turn_and_their_factors_are_exact():
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(12, 20, generator=generator)
+    first = (_orthonormal_rows(2, 12, 4), torch.tensor([1.0, 0.5]), "pre", None)
+    second = (_orthonormal_rows(1, 12, 5), torch.tensor([1.5]), "none", _orthonormal_rows(6, 20, 6))
+    after_first = edited_weight(weight, *first)
+    torch.testing.assert_close(composed_weight(weight, [first]), after_first)
+    both = composed_weight(weight, [first, second])
+    torch.testing.assert_close(both, edited_weight(after_first, *second))
+    a, b = composed_factors(weight, [first, second])
+    assert a.shape == (3, 20) and b.shape == (12, 3)  # one rank per direction, as the LoRA holds
+    torch.testing.assert_close(weight + b @ a, both)
+    # the confined second step leaves the kept inputs as the first step wrote them
+    torch.testing.assert_close(both @ second[3].T, after_first @ second[3].T)
 
 
 def _loaded(model_dir, tmp_path):
@@ -112,6 +128,28 @@ def test_the_edited_model_leaves_the_preserved_prompts_alone_and_its_export_is_t
     torch.testing.assert_close(collect_residuals(loaded, kept_prompt + other, None, 1), during, atol=1e-5, rtol=1e-5)
 
 
+def test_with_the_global_scope_only_the_global_direction_is_confined(tiny_qwen2, tmp_path):
+    from heretic_like.ablation import GlobalDirection
+
+    loaded = _loaded(tiny_qwen2, tmp_path)
+    kept_prompt, other = ["How do I bake bread?"], ["Name three colours of the rainbow."]
+    before = collect_residuals(loaded, kept_prompt + other, None, 1)
+    bases = preserved_inputs(loaded, COMPONENTS, chat_texts(loaded.tokenizer, kept_prompt, None), 24, batch_size=1)
+    options = EditOptions(global_direction=True, preserve_scope="global_direction")
+    editor = Abliterator(loaded, COMPONENTS, _geometry(loaded), options, bases)
+    off = {c: Kernel(0.0, 1.0, 0.0, 1.0) for c in COMPONENTS}
+    editor.apply(Edit(None, off, global_direction=GlobalDirection(0.5, 1.5)))  # the global direction alone
+    alone = collect_residuals(loaded, kept_prompt + other, None, 1)
+    torch.testing.assert_close(alone[0], before[0], atol=1e-4, rtol=1e-4)  # confined: the kept prompt stays
+    assert not torch.allclose(alone[1], before[1], atol=1e-3)
+    edit = Edit(None, {c: Kernel(1.5, 1.0, 1.0, 2.0) for c in COMPONENTS}, global_direction=GlobalDirection(0.5, 1.5))
+    editor.apply(edit)  # the kernels' edit is not confined: the kept prompt moves
+    during = collect_residuals(loaded, kept_prompt + other, None, 1)
+    assert not torch.allclose(during[0], before[0], atol=1e-3)
+    loaded.model = editor.merged_model()  # the exact two-step weights are the trial's model
+    torch.testing.assert_close(collect_residuals(loaded, kept_prompt + other, None, 1), during, atol=1e-5, rtol=1e-5)
+
+
 def test_hooks_cannot_confine_an_edit(tiny_qwen2, tmp_path):
     loaded = _loaded(tiny_qwen2, tmp_path)
     bases = preserved_inputs(loaded, COMPONENTS, ["hello there"], 4, 1)
@@ -119,9 +157,12 @@ def test_hooks_cannot_confine_an_edit(tiny_qwen2, tmp_path):
         Abliterator(loaded, COMPONENTS, _geometry(loaded), EditOptions(mode="hooks"), bases)
 
 
-def test_a_confined_study_exports_and_rebuilds_bit_identical_weights(tiny_llama, tmp_path, capsys):
+@pytest.mark.parametrize("scope", ["edit", "global_direction"])
+def test_a_confined_study_exports_and_rebuilds_bit_identical_weights(tiny_llama, tmp_path, capsys, scope):
     config = study_config(tmp_path, tiny_llama, n_trials=2, export_trial=1, preserved_input_rank=16,
-                          row_normalization='"full"', export_dir=f'"{tmp_path / "export"}"')  # fmt: skip
+                          preserved_input_scope=f'"{scope}"', row_normalization='"full"', prune_dominated="false",
+                          export_dir=f'"{tmp_path / "export"}"',
+                          search="global_direction = true\n" if scope == "global_direction" else "")  # fmt: skip
     assert main(["--config", str(config)]) == 0
     out = capsys.readouterr().out
     assert "Edits leave alone the top 16 directions of each module's inputs on 150 harmless prompts" in out
@@ -139,6 +180,8 @@ def test_a_confined_study_exports_and_rebuilds_bit_identical_weights(tiny_llama,
     (["--edit-mode", "hooks", "--row-normalization", "none", "--preserved-input-rank", "8"],
      "edit_mode = 'hooks' needs preserved_input_rank = 0 (got 8)"),
     (["--preserved-input-rank", "-1"], "preserved_input_rank"),
+    (["--preserved-input-scope", "global_direction"],
+     "preserved_input_scope = 'global_direction' needs search.global_direction = true"),
 ])  # fmt: skip
 def test_a_rank_the_config_cannot_take_is_a_one_line_error(flags, message, capsys):
     assert main(["config", *flags]) == 2
