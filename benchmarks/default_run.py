@@ -221,6 +221,12 @@ def summary_markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def exported_folder(log: str) -> Path:
+    """The export the summary block names (its `exported` row; the KL row above it says "with the
+    exported weights", which an unanchored search took for the folder)."""
+    return Path(re.search(r"^\s*exported\s+(\S+)", log, re.M).group(1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results-default"))
@@ -289,7 +295,7 @@ def main() -> None:
     if measured.get("returncode", 0) != 0:
         sys.exit(f"the command failed ({measured['returncode']}); see {out / 'run.log'}")
     trial = int(re.search(r"Chosen trial (\d+)", text).group(1))
-    exported = Path(re.search(r"exported\s+(\S+)", text).group(1))
+    exported = exported_folder(text)
     (journal,) = (work / "checkpoints").glob("*.journal")
     study = load_existing_study(str(journal), None)
     os.chdir(work)  # the study's paths are relative to where it ran

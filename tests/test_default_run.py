@@ -70,3 +70,10 @@ def test_base_scores_are_checked_against_the_commands_settings_before_the_study(
 def test_a_command_with_a_bad_key_fails_before_the_study(default_run):
     with pytest.raises(SystemExit, match=r"the command's settings: .*max_response_length"):
         default_run.planned_settings(["--max-response-length", "0"])
+
+
+def test_the_export_is_read_from_its_summary_row_not_from_the_kl_row(default_run):
+    log = ("  KL         0.0292 (first response token, harmless prompts)\n"
+           "             0.0291 with the exported weights (the trial scored a low-rank approximation of them)\n"
+           "  exported   checkpoints/model-trial7\n")  # fmt: skip
+    assert default_run.exported_folder(log) == Path("checkpoints/model-trial7")
