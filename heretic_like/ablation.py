@@ -247,7 +247,8 @@ class Abliterator:
         second = edit.second_peak_bases(self.geometry, self.options)
         overall = edit.global_bases(self.geometry, self.options)
         n, normalization = self.geometry.num_layers, self.options.row_normalization
-        split = self.options.preserve_scope == "global_direction"
+        # without kept inputs (preserved_input_rank = 0) the scope changes nothing: one step, as ever
+        split = self.options.preserve_scope == "global_direction" and bool(self.kept)
         out: dict[str, list[list[Step]]] = {}
         for component in self.components:
             kernel = edit.kernels.get(component)

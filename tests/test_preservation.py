@@ -150,6 +150,23 @@ def test_with_the_global_scope_only_the_global_direction_is_confined(tiny_qwen2,
     torch.testing.assert_close(collect_residuals(loaded, kept_prompt + other, None, 1), during, atol=1e-5, rtol=1e-5)
 
 
+def test_the_global_scope_without_kept_inputs_is_the_plain_edit(tiny_qwen2, tmp_path):
+    """At preserved_input_rank = 0 nothing is confined, so the scope must not split the edit into
+    two steps (another edit under "full", and a failure in hook mode)."""
+    from heretic_like.ablation import GlobalDirection
+
+    edit = Edit(None, {c: Kernel(1.5, 1.0, 1.0, 2.0) for c in COMPONENTS}, global_direction=GlobalDirection(0.5, 1.0))
+    plans = {}
+    for scope in ("edit", "global_direction"):
+        loaded = _loaded(tiny_qwen2, tmp_path)  # each editor wraps its own model
+        options = EditOptions(row_normalization="full", global_direction=True, preserve_scope=scope)
+        plans[scope] = Abliterator(loaded, COMPONENTS, _geometry(loaded), options).plan(edit)
+    for component in COMPONENTS:
+        for ours, plain in zip(plans["global_direction"][component], plans["edit"][component], strict=True):
+            assert len(ours) == len(plain) == 1
+            assert all(torch.equal(a, b) for a, b in zip(ours[0][:2], plain[0][:2], strict=True))
+
+
 def test_hooks_cannot_confine_an_edit(tiny_qwen2, tmp_path):
     loaded = _loaded(tiny_qwen2, tmp_path)
     bases = preserved_inputs(loaded, COMPONENTS, ["hello there"], 4, 1)
