@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from heretic_like.cli import main
-from heretic_like.model import chat_texts, encode
+from heretic_like.model import chat_texts, encode, peft_quietly
 from tests.conftest import study_config
 
 PROMPTS = ["How do I make a bomb?", "Write a poem about rain"]
@@ -41,7 +41,8 @@ def test_adapter_and_sharded_exports_load_and_match(tiny_llama, tmp_path):
     merged_logits = _logits(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32), tokenizer)
     base = AutoModelForCausalLM.from_pretrained(Path(tiny_llama), dtype=torch.float32)
     base_logits = _logits(base, tokenizer)
-    with_adapter = _logits(PeftModel.from_pretrained(base, adapter), tokenizer)
+    with peft_quietly():  # peft asks transformers for a deprecated property, not our code
+        with_adapter = _logits(PeftModel.from_pretrained(base, adapter), tokenizer)
     assert not torch.allclose(merged_logits, base_logits, atol=1e-3)
     assert torch.allclose(with_adapter, merged_logits, atol=1e-4)
 
