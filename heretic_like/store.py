@@ -33,8 +33,12 @@ def open_storage(url_or_path: str) -> optuna.storages.BaseStorage:
     a worker that died are failed by the others instead of staying RUNNING for ever."""
     if is_shared_storage(url_or_path):
         try:
-            return optuna.storages.RDBStorage(url_or_path, engine_kwargs={"pool_pre_ping": True},
-                                              heartbeat_interval=HEARTBEAT_S, grace_period=3 * HEARTBEAT_S)  # fmt: skip
+            with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9; stable in use
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url_or_path, engine_kwargs={"pool_pre_ping": True},
+                    heartbeat_interval=HEARTBEAT_S, grace_period=3 * HEARTBEAT_S,
+                )  # fmt: skip
         except ModuleNotFoundError as exc:
             raise HereticError(f"storage {url_or_path.split('://')[0]}://...: missing driver '{exc.name}' "
                                "(PostgreSQL: pip install psycopg2-binary)") from None  # fmt: skip
