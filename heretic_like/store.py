@@ -33,7 +33,7 @@ def open_storage(url_or_path: str) -> optuna.storages.BaseStorage:
     a worker that died are failed by the others instead of staying RUNNING for ever."""
     if is_shared_storage(url_or_path):
         try:
-            with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9; stable in use
+            with warnings.catch_warnings():  # Optuna still flags heartbeats "experimental"; stable in use
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(
                     url_or_path, engine_kwargs={"pool_pre_ping": True},
