@@ -386,13 +386,15 @@ def study_abliterator(study: optuna.Study, settings: Settings, components: list[
     stored = record.model_fingerprint
     if stored is not None and not matches_fingerprint(loaded.model, stored):
         raise HereticError(f"'{settings.model}' is not the model study '{study.study_name}' was run on")
-    options, prompts = GeometryOptions.from_settings(settings), load_all_prompts(settings)
+    options = GeometryOptions.from_settings(settings)
     prefix = resolve_response_prefix(settings, study)
     batch = record.directions_batch(settings.directions_batch_size or settings.batch_size or 8)
     geometry = cached_geometry(options, loaded.num_layers)
+    prompts = load_all_prompts(settings) if geometry is None or settings.preserved_input_rank else None  # to measure
     if geometry is None:
         scoring = record.batch_size or batch  # filtered as the run did, or an export writes another edit
         prompt_filter = PromptFilter.of(settings, lambda: build_detector(settings, loaded, scoring, prefix), scoring)
         geometry = compute_geometry(options, loaded, prompts, batch, prefix, prompt_filter)
-    kept = kept_inputs(settings.preserved_input_rank, loaded, prompts, components, prefix, batch)
+    kept = None if prompts is None else kept_inputs(settings.preserved_input_rank, loaded, prompts, components,
+                                                    prefix, batch)  # fmt: skip
     return Abliterator(loaded, components, geometry, EditOptions.from_settings(settings), kept)

@@ -1,8 +1,10 @@
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+import heretic_like
 from heretic_like.cli import main
 from heretic_like.model import chat_texts, encode, peft_quietly
 from tests.conftest import study_config
@@ -172,3 +174,20 @@ def test_an_exact_edit_is_not_measured_again(tiny_llama, tmp_path, capsys):
     assert StudyRecord(study).exported_kl(0) is None
     (folder,) = (tmp_path / "checkpoints").glob("*-trial0")
     assert "approximation" not in (folder / "README.md").read_text()
+
+
+def test_an_adapter_export_from_the_cached_directions_reads_no_prompt_file(tiny_llama, tmp_path):
+    """Export and chat take the directions from the study's cache; a direction prompt file moved
+    since the run must not stop them (only measuring reads prompts)."""
+    harmful = tmp_path / "harmful.txt"
+    shutil.copy(Path(heretic_like.__file__).parent / "data" / "harmful.txt", harmful)
+    config = study_config(tmp_path, tiny_llama, n_trials=1, n_startup_trials=1)
+    text = config.read_text()
+    assert text.count('[bad_prompts]\ndataset = "builtin:harmful"') == 1
+    config.write_text(text.replace('dataset = "builtin:harmful"', f'dataset = "{harmful}"', 1))  # bad_prompts
+    assert main(["--config", str(config)]) == 0
+    (journal,) = (tmp_path / "checkpoints").glob("*.journal")
+    harmful.unlink()
+    assert main(["export", "--study", str(journal), "--trial", "0", "--out", str(tmp_path / "adapter"),
+                 "--export-strategy", "adapter"]) == 0  # fmt: skip
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
