@@ -64,10 +64,8 @@ def main() -> None:
     loaded, prompts = abliterator.loaded, load_all_prompts(settings)
     prefix = resolve_response_prefix(settings, study)
     batch = StudyRecord(study).batch_size or settings.batch_size or 8
-    evaluator = Evaluator(loaded, prompts.harmful_eval, prompts.harmless_eval,
-                          (prompts.system("harmful_eval"), prompts.system("harmless_eval")),
-                          build_detector(settings, loaded, batch, prefix), settings.max_response_length, batch,
-                          settings.stop_at_marker, prefix)  # fmt: skip
+    evaluator = Evaluator.of_study(loaded, prompts, build_detector(settings, loaded, batch, prefix),
+                                  settings.max_response_length, batch, settings.stop_at_marker, prefix)  # fmt: skip
     directions_batch = StudyRecord(study).directions_batch(settings.directions_batch_size or batch)
     rows = []
     for rank in args.ranks:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from .detectors import Detector
 from .generation import Prefilled, first_token_logprobs, first_token_look, generate_batches, leading_rows
 from .model import LoadedModel, chat_texts
+from .prompts import PromptSets
 
 
 def detect_response_prefix(responses: list[str], tags: Sequence[tuple[str, str]] = (), prompt: str = "") -> str:
@@ -133,6 +134,14 @@ class Evaluator:
         self.batch_size = batch_size
         self.stop_at_marker = stop_at_marker
         self.base_logprobs = first_token_logprobs(loaded, self.harmless, batch_size)
+
+    @classmethod
+    def of_study(cls, loaded: LoadedModel, prompts: PromptSets, detector: Detector, max_response_length: int,
+                 batch_size: int, stop_at_marker: bool, response_prefix: str) -> Evaluator:  # fmt: skip
+        """A study's evaluator: its two evaluation sets, each formatted with its own system prompt."""
+        return cls(loaded, prompts.harmful_eval, prompts.harmless_eval,
+                   (prompts.system("harmful_eval"), prompts.system("harmless_eval")), detector,
+                   max_response_length, batch_size, stop_at_marker, response_prefix)  # fmt: skip
 
     def prioritize(self, first: list[int]) -> None:
         """Score the harmful prompts at these original positions first, in the order given; the

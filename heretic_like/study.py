@@ -143,9 +143,8 @@ def prepare(settings: Settings, study: optuna.Study, prompts: PromptSets, timing
         print(f"Residual plot: {written}")
         timings["residual_plot"] = time.perf_counter() - started
     started = time.perf_counter()
-    evaluator = Evaluator(loaded, prompts.harmful_eval, prompts.harmless_eval,
-                          (prompts.system("harmful_eval"), prompts.system("harmless_eval")), detector,
-                          settings.max_response_length, batch_size, settings.stop_at_marker, prefix)  # fmt: skip
+    evaluator = Evaluator.of_study(loaded, prompts, detector, settings.max_response_length, batch_size,
+                                  settings.stop_at_marker, prefix)  # fmt: skip
     timings["base_logprobs"] += time.perf_counter() - started
     return loaded, geometry, evaluator
 
